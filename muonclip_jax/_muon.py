@@ -1,0 +1,298 @@
+"""Muon: momentum -> orthogonalise -> scale -> decay -> learning rate.
+
+``scale_by_muon`` is the gradient transformation (momentum, Newton–Schulz,
+shape scaling); ``muon`` is the optimizer of Moonlight (arXiv 2502.16982) and
+Kimi K2 (arXiv 2507.20534): Muon on hidden matrices, AdamW on the rest, both
+with decoupled weight decay
+
+.. math::
+  W \\leftarrow W - \\eta (O + \\lambda W).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.contrib import MuonDimensionNumbers
+
+from muonclip_jax._coefficients import CoeffsLike, NSConfig, resolve_coefficients
+from muonclip_jax._dimensions import (
+    default_dimension_numbers,
+    fan_in_out,
+    matrix_view,
+    path_str,
+)
+from muonclip_jax._momentum import momentum_step
+from muonclip_jax._newton_schulz import (
+    _orthogonalize,
+    check_method,
+    resolve_compute_dtype,
+)
+from muonclip_jax._routing import ADAMW, MUON, resolve_labels
+from muonclip_jax._shape_scaling import check_shape_scaling, shape_scale
+
+DimensionNumbersLike = (
+    MuonDimensionNumbers | Any | Callable[[str, tuple[int, ...]], MuonDimensionNumbers | None]
+    | None)
+
+
+class ScaleByMuonState(NamedTuple):
+  """State of :func:`scale_by_muon`: the momentum buffer ``M``."""
+
+  mu: optax.Updates
+
+
+class NSOptions(NamedTuple):
+  """Static Newton–Schulz options shared by every leaf."""
+
+  config: NSConfig
+  dtype: jnp.dtype | None
+  method: str
+  restarts: tuple[int, ...] | None
+  eps: float
+
+
+class LeafPlan(NamedTuple):
+  """How one leaf is orthogonalised: its matrix view and shape scale."""
+
+  path: str
+  to_matrix: Callable[[jax.Array], jax.Array]
+  from_matrix: Callable[[jax.Array], jax.Array]
+  matrix_shape: tuple[int, int, int]  # (batch, fan_in, fan_out)
+  fan_in: int
+  fan_out: int
+
+
+def _dims_lookup(dimension_numbers: DimensionNumbersLike
+                 ) -> Callable[[str, tuple[int, ...]], MuonDimensionNumbers]:
+  """Normalises the ``dimension_numbers`` argument into ``(path, shape) -> dims``."""
+  if dimension_numbers is None:
+    return default_dimension_numbers
+  if isinstance(dimension_numbers, MuonDimensionNumbers):
+    return lambda path, shape: dimension_numbers
+  if callable(dimension_numbers):
+    def from_callable(path, shape):
+      d = dimension_numbers(path, shape)
+      return default_dimension_numbers(path, shape) if d is None else d
+    return from_callable
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      dimension_numbers,
+      is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+  table = {}
+  for p, d in flat:
+    if d is not None and not isinstance(d, MuonDimensionNumbers):
+      raise ValueError(f"dimension_numbers at {path_str(p)}: expected MuonDimensionNumbers "
+                       f"or None, got {d!r}")
+    table[path_str(p)] = d
+
+  def from_table(path, shape):
+    d = table.get(path)
+    return default_dimension_numbers(path, shape) if d is None else d
+  return from_table
+
+
+def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensionNumbers]
+                ) -> list[LeafPlan]:
+  """One :class:`LeafPlan` per leaf of ``tree`` (in flattening order)."""
+  plans = []
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    path = path_str(p)
+    shape = tuple(x.shape)
+    if len(shape) < 2:
+      raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {shape}; "
+                       "route it to AdamW (see muonclip_jax.muon's param_labels)")
+    dims = dims_fn(path, shape)
+    to_m, from_m, flat = matrix_view(path, shape, dims)
+    fi, fo = fan_in_out(path, shape, dims)
+    plans.append(LeafPlan(path, to_m, from_m, flat, fi, fo))
+  return plans
+
+
+def orthogonalize_matrices(mats: Sequence[jax.Array], ns: NSOptions) -> list[jax.Array]:
+  """Newton–Schulz on each ``(batch, fan_in, fan_out)`` array, one device."""
+  out = []
+  for m in mats:
+    dtype = resolve_compute_dtype(ns.dtype, m.dtype)
+    out.append(_orthogonalize(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
+  return out
+
+
+def scale_by_muon(
+    beta: jax.typing.ArrayLike = 0.95,
+    *,
+    nesterov: bool = True,
+    coeffs: CoeffsLike = "keller",
+    steps: int | None = None,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    method: str = "auto",
+    restarts: Sequence[int] | None = None,
+    eps: float = 1e-7,
+    shape_scaling: str | None = "rms",
+    rms_scale: jax.typing.ArrayLike = 0.2,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    dimension_numbers: DimensionNumbersLike = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> optax.GradientTransformation:
+  r"""Momentum, Newton–Schulz orthogonalisation and shape scaling.
+
+  .. math::
+    M_t = \beta M_{t-1} + G_t, \quad
+    O_t = s(A, B) \cdot \mathrm{NS}(G_t + \beta M_t),
+
+  with ``s = rms_scale * sqrt(max(A, B))`` for ``shape_scaling="rms"``
+  (Moonlight, arXiv 2502.16982) or ``sqrt(max(1, B/A))`` for ``"keller"``, where
+  ``A``/``B`` are the fan-in/fan-out of the matrix view of each leaf.
+
+  Args:
+    beta: momentum decay ``mu`` (0.95).
+    nesterov: feed ``G_t + beta M_t`` (True) or ``M_t`` to Newton–Schulz.
+    coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
+    steps: Newton–Schulz steps (default: the preset's).
+    ns_dtype: compute dtype of Newton–Schulz (default: the update's dtype).
+    method: ``"auto"``, ``"standard"`` or ``"gram"``.
+    restarts: Gram-path restarts (see :func:`orthogonalize`).
+    eps: added to the Frobenius norm.
+    shape_scaling: ``"rms"``, ``"keller"`` or ``None``.
+    rms_scale: target update RMS for ``"rms"`` (0.2).
+    mu_dtype: dtype of the momentum buffer (default: the parameter's).
+    dimension_numbers: fan-in/fan-out axes per leaf: one
+      :class:`MuonDimensionNumbers` for all, a tree of them (``None`` leaves
+      take the default), or a callable ``(path, shape) -> dims | None``.
+      Default: :func:`muonclip_jax.default_dimension_numbers`.
+    mesh: a :class:`jax.sharding.Mesh`; Newton–Schulz then runs device-local
+      (see :mod:`muonclip_jax._sharding`).
+
+  Returns:
+    An ``optax.GradientTransformation`` with state :class:`ScaleByMuonState`.
+  """
+  ns = NSOptions(
+      config=resolve_coefficients(coeffs, steps),
+      dtype=None if ns_dtype is None else resolve_compute_dtype(ns_dtype, jnp.float32),
+      method=check_method(method),
+      restarts=None if restarts is None else tuple(int(r) for r in restarts),
+      eps=float(eps),
+  )
+  scaling = check_shape_scaling(shape_scaling)
+  dims_fn = _dims_lookup(dimension_numbers)
+  mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
+  if mesh is not None:
+    from muonclip_jax._sharding import mesh_orthogonalizer
+    orthogonalize_fn = mesh_orthogonalizer(mesh)
+  else:
+    orthogonalize_fn = orthogonalize_matrices
+
+  def init_fn(params):
+    plan_leaves(params, dims_fn)  # Fail early, naming the path, on bad shapes.
+    return ScaleByMuonState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
+
+  def update_fn(updates, state, params=None):
+    del params
+    plans = plan_leaves(updates, dims_fn)
+    grads, treedef = jax.tree.flatten(updates)
+    stepped = [momentum_step(g, m, beta, nesterov)
+               for g, m in zip(grads, treedef.flatten_up_to(state.mu), strict=True)]
+    mats = [plan.to_matrix(d) for plan, (_, d) in zip(plans, stepped, strict=True)]
+    orth = orthogonalize_fn(mats, ns)
+    out = []
+    for plan, o, g in zip(plans, orth, grads, strict=True):
+      scale = shape_scale(plan.fan_in, plan.fan_out, scaling, rms_scale)
+      out.append((plan.from_matrix(o) * scale).astype(g.dtype))
+    new_mu = jax.tree.unflatten(treedef, [m for m, _ in stepped])
+    return jax.tree.unflatten(treedef, out), ScaleByMuonState(mu=new_mu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+  """Rejects a negative Python/NumPy scalar; schedules and traced arrays pass."""
+  if callable(value):
+    return
+  try:
+    v = float(value)
+  except (TypeError, jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+    return
+  if not v >= 0:  # Also rejects NaN.
+    raise ValueError(f"{name}: must be a non-negative number or a schedule, got {value!r}")
+
+
+def muon(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    weight_decay: jax.typing.ArrayLike = 0.1,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    beta: jax.typing.ArrayLike = 0.95,
+    nesterov: bool = True,
+    coeffs: CoeffsLike = "keller",
+    steps: int | None = None,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    method: str = "auto",
+    restarts: Sequence[int] | None = None,
+    eps: float = 1e-7,
+    shape_scaling: str | None = "rms",
+    rms_scale: jax.typing.ArrayLike = 0.2,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: jax.typing.ArrayLike = 0.9,
+    adam_b2: jax.typing.ArrayLike = 0.95,
+    adam_eps: jax.typing.ArrayLike = 1e-8,
+    param_labels: Any | Callable[[optax.Params], Any] | None = None,
+    dimension_numbers: DimensionNumbersLike = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> optax.GradientTransformation:
+  r"""Muon for hidden matrices, AdamW for the rest (Moonlight / Kimi K2).
+
+  Muon branch: :func:`scale_by_muon`, then decoupled weight decay and the
+  learning rate, ``W <- W - lr (O + weight_decay W)``. AdamW branch: plain
+  AdamW (``b1=0.9``, ``b2=0.95``, no Nesterov) with the same decay form and
+  ``adam_learning_rate`` (default: ``learning_rate``).
+
+  Routing: :func:`muonclip_jax.default_param_labels` sends embeddings, the LM
+  head, norms, biases and every parameter of rank < 2 to AdamW, everything
+  else to Muon. ``param_labels`` overrides it: a tree of ``"muon"``/``"adamw"``
+  strings with the parameters' structure, or a callable ``params -> tree``.
+
+  Works under ``optax.inject_hyperparams`` (for instance
+  ``inject_hyperparams(muon)(learning_rate=sched, weight_decay=0.1)``); pass
+  ``static_args=("steps",)`` there if you set ``steps``.
+
+  Args:
+    learning_rate: scalar or schedule for the Muon branch.
+    weight_decay: decoupled decay ``lambda`` for both branches (K2: 0.1).
+    weight_decay_mask: optional mask (tree or callable, as in
+      ``optax.add_decayed_weights``) of parameters that decay.
+    beta, nesterov, coeffs, steps, ns_dtype, method, restarts, eps,
+    shape_scaling, rms_scale, mu_dtype, dimension_numbers, mesh: see
+      :func:`scale_by_muon`.
+    adam_learning_rate, adam_b1, adam_b2, adam_eps: the AdamW branch.
+    param_labels: routing override (see above).
+
+  Returns:
+    An ``optax.GradientTransformation`` (an ``optax.partition``).
+
+  Raises:
+    ValueError: negative learning rate or weight decay, and the errors of
+      :func:`scale_by_muon` and of the routing (naming the parameter path).
+  """
+  _check_nonnegative("learning_rate", learning_rate)
+  _check_nonnegative("weight_decay", weight_decay)
+  if adam_learning_rate is None:
+    adam_learning_rate = learning_rate
+  _check_nonnegative("adam_learning_rate", adam_learning_rate)
+  muon_tx = optax.chain(
+      scale_by_muon(beta, nesterov=nesterov, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype,
+                    method=method, restarts=restarts, eps=eps, shape_scaling=shape_scaling,
+                    rms_scale=rms_scale, mu_dtype=mu_dtype,
+                    dimension_numbers=dimension_numbers, mesh=mesh),
+      optax.add_decayed_weights(weight_decay, weight_decay_mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+  adam_tx = optax.adamw(adam_learning_rate, b1=adam_b1, b2=adam_b2, eps=adam_eps,
+                        weight_decay=weight_decay, mask=weight_decay_mask, mu_dtype=mu_dtype)
+  return optax.partition(
+      {MUON: muon_tx, ADAMW: adam_tx},
+      lambda params: resolve_labels(params, param_labels),
+  )
