@@ -5,10 +5,35 @@ Data flow, one module each: momentum (``_momentum``) -> orthogonalise
 (``_muon``, through optax) -> QK-Clip (``_qk_clip``).
 """
 
+from muonclip_jax._attention import (
+  MaxLogitMultiHeadAttention,
+  MaxLogitMultiHeadDotProductAttention,
+  dot_product_attention,
+  head_max_logits,
+  max_logits_blockwise,
+  sow_max_logits,
+)
 from muonclip_jax._coefficients import PRESETS, NSConfig, resolve_coefficients
 from muonclip_jax._dimensions import MuonDimensionNumbers, default_dimension_numbers
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
+from muonclip_jax._muonclip import muonclip
 from muonclip_jax._newton_schulz import orthogonalize
+from muonclip_jax._qk_clip import (
+  QKClipState,
+  accumulate_max_logits,
+  collect_max_logits,
+  qk_clip,
+  reduce_max_logits,
+)
+from muonclip_jax._qk_layouts import (
+  QKLayout,
+  QKParam,
+  flax_attention,
+  fused_qkv,
+  mla,
+  qk_norm,
+  separate_qk,
+)
 from muonclip_jax._routing import default_label, default_param_labels
 
 __all__ = [
@@ -23,4 +48,23 @@ __all__ = [
     "orthogonalize",
     "resolve_coefficients",
     "scale_by_muon",
+    "MaxLogitMultiHeadAttention",
+    "MaxLogitMultiHeadDotProductAttention",
+    "QKClipState",
+    "QKLayout",
+    "QKParam",
+    "accumulate_max_logits",
+    "collect_max_logits",
+    "dot_product_attention",
+    "flax_attention",
+    "fused_qkv",
+    "head_max_logits",
+    "max_logits_blockwise",
+    "mla",
+    "muonclip",
+    "qk_clip",
+    "qk_norm",
+    "reduce_max_logits",
+    "separate_qk",
+    "sow_max_logits",
 ]

@@ -1,0 +1,494 @@
+"""QK-Clip: per-head rescaling of query and key weights after the update.
+
+Kimi K2 (arXiv 2507.20534, Algorithm 1) bounds attention logits with a
+post-update rescaling. With ``S_max^h`` the largest pre-softmax logit of head
+``h`` in the step's forward pass (over the batch and positions, after the
+``1/sqrt(d)`` scale and the mask, before any soft-cap),
+
+.. math::
+  \\gamma_h = \\min\\left(1, \\frac{\\tau}{S_{\\max}^h}\\right), \\qquad
+  W_q^h \\leftarrow \\sqrt{\\gamma_h}\\, W_q^h, \\quad
+  W_k^h \\leftarrow \\sqrt{\\gamma_h}\\, W_k^h,
+
+applied to the weights *after* the optimizer's update, so the head's logit on
+the same inputs becomes ``min(S_max^h, tau)``. Only heads with
+``S_max^h > tau`` are touched; values and output projections never are.
+MLA, GQA/MQA, fused QKV, QK-norm and scanned stacks are described in
+:mod:`muonclip_jax._qk_layouts`.
+
+:func:`qk_clip` is an ``optax.GradientTransformationExtraArgs`` chained *after*
+the optimizer; it turns the optimizer's update ``u`` of an affected entry into
+``(p + u) * f - p``, so ``optax.apply_updates(params, updates)`` gives K2's
+post-update weights ``(p + u) * f``; entries with ``f = 1`` keep ``u`` bit for bit.
+
+Usage (linen)::
+
+  tx = optax.chain(muon(lr), qk_clip(tau=100.0))   # or muonclip(lr, tau=100.0)
+  def loss_fn(params, batch):
+    logits, state = model.apply({'params': params}, batch,
+                                mutable=['intermediates'])
+    return loss(logits, batch), state['intermediates']
+  (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+  updates, opt_state = tx.update(grads, opt_state, params, max_logits=stats)
+  params = optax.apply_updates(params, updates)
+
+Usage (NNX)::
+
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  def loss_fn(model, batch):
+    logits, stats = nnx.capture(model, nnx.Intermediate)(batch)
+    return loss(logits, batch), stats
+  (loss, stats), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+  optimizer.update(model, grads, max_logits=stats)
+
+The attention layers must sow ``max_logits`` (see
+:func:`muonclip_jax.dot_product_attention`: ``attention_fn=dot_product_attention``
+and ``sow_weights=True``, or the ``MaxLogit*`` modules).
+
+Distributed and accumulated statistics must be reduced with ``max``, never
+summed. Under ``jax.jit`` with a sharded batch the sown ``jnp.max`` is already
+global. Inside ``shard_map``/``pmap`` call :func:`reduce_max_logits` (``lax.pmax``)
+over the data (and context) parallel axes before ``update``.
+
+Gradient accumulation with ``optax.MultiSteps``: MultiSteps calls the inner
+update on every micro-step but keeps the inner state only on the last one,
+so a ``qk_clip`` *inside* ``MultiSteps`` would see only the last micro-batch's
+statistics. Either
+
+* put ``qk_clip`` *outside* with the same schedule:
+  ``optax.chain(optax.MultiSteps(muon(lr), k).gradient_transformation(),
+  qk_clip(tau, every_k_schedule=k))`` (``muonclip(..., every_k_schedule=k)``
+  builds this): it keeps a running ``max`` of the statistics in its state and
+  clips once, when the accumulated update is applied; or
+* keep a running max yourself with :func:`accumulate_max_logits` and pass it
+  on every micro-step.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from muonclip_jax._attention import MAX_LOGITS
+from muonclip_jax._qk_layouts import (
+  GQA_SHARINGS,
+  GQASharing,
+  Layer,
+  Path,
+  QKLayout,
+  detect_flax_attention,
+  factor_array,
+  join,
+  path_str,
+  resolve_layout,
+  slot_factors,
+)
+
+LayoutsLike = QKLayout | Mapping[str, QKLayout] | None
+Schedule = int | Callable[[jax.Array], jax.Array]
+_MISSING = object()
+
+
+class QKClipState(NamedTuple):
+  """State of :func:`qk_clip`: telemetry for logging and micro-step accumulation.
+
+  Attributes:
+    max_logits: per attention layer (keyed by its ``'/'``-joined module path),
+      the statistics used at the last clipping step, ``[layers..., heads]``
+      (``-inf`` before the first).
+    num_clipped: heads clipped at the last clipping step (int32).
+    clipped_total: heads clipped, summed over all steps (int32).
+    num_skipped: non-finite or non-positive statistics at the last clipping
+      step; those heads were left alone (int32).
+    skipped_total: the same, summed over all steps (int32).
+    acc_max_logits: running max over the current micro-steps
+      (``every_k_schedule``; unused otherwise).
+    mini_step: micro-step within the current accumulation (``every_k_schedule``).
+    gradient_step: clipping steps taken.
+  """
+
+  max_logits: dict[str, jax.Array]
+  num_clipped: jax.Array
+  clipped_total: jax.Array
+  num_skipped: jax.Array
+  skipped_total: jax.Array
+  acc_max_logits: dict[str, jax.Array]
+  mini_step: jax.Array
+  gradient_step: jax.Array
+
+
+# --------------------------------------------------------------------------
+# Trees, paths and statistics.
+
+
+def _key_str(k: Any) -> str:
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _is_var(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _unwrap(x: Any) -> Any:
+  return x.get_value() if _is_var(x) else x
+
+
+def _flatten(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
+  """``[(path, leaf)]`` with string keys (nnx Variables are unwrapped) and the treedef."""
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)
+  return [(tuple(_key_str(k) for k in p), leaf) for p, leaf in leaves], treedef
+
+
+def _param_prefix(paths: list[Path]) -> int:
+  """1 when every parameter sits under a top-level ``'params'`` (a linen variables dict)."""
+  return 1 if paths and all(p and p[0] == "params" for p in paths) else 0
+
+
+def collect_max_logits(max_logits: Any) -> dict[Path, jax.Array]:
+  """Per-module statistics from what Flax returns (linen collection or NNX State).
+
+  Every leaf under a ``max_logits`` key is attributed to the module path
+  before it (a leading ``'intermediates'`` is dropped); several leaves of one
+  module (Flax's default tuple ``sow``) are max-reduced.
+  """
+  leaves, _ = _flatten(max_logits)
+  grouped: dict[Path, list[jax.Array]] = {}
+  for path, leaf in leaves:
+    if MAX_LOGITS not in path:
+      continue
+    i = len(path) - 1 - path[::-1].index(MAX_LOGITS)
+    module = path[:i]
+    if module and module[0] == "intermediates":
+      module = module[1:]
+    grouped.setdefault(module, []).append(jnp.asarray(_unwrap(leaf)))
+  out = {}
+  for module, values in grouped.items():
+    shapes = {v.shape for v in values}
+    if len(shapes) != 1:
+      raise ValueError(f"QK-Clip: statistics at {path_str(module)!r} have differing "
+                       f"shapes {sorted(shapes)}")
+    v = values[0]
+    for w in values[1:]:
+      v = jnp.maximum(v, w)
+    out[module] = v
+  return out
+
+
+def accumulate_max_logits(acc: Any, max_logits: Any) -> Any:
+  """Elementwise running ``max`` of two statistics trees (micro-batches, shards).
+
+  ``acc=None`` returns ``max_logits``. Use it to combine micro-batches for
+  gradient accumulation: the logit bound is a max, never a sum.
+  """
+  if acc is None:
+    return max_logits
+  return jax.tree.map(jnp.maximum, acc, max_logits)
+
+
+def reduce_max_logits(max_logits: Any, axis_name: Any) -> Any:
+  """``lax.pmax`` of every statistic over ``axis_name`` (inside ``shard_map``/``pmap``).
+
+  Data- or context-parallel shards each see part of the batch or sequence;
+  the head's statistic is the max over all of them. Under plain ``jax.jit``
+  with sharded arrays this is not needed: the sown ``jnp.max`` is global.
+  """
+  return jax.tree.map(lambda x: jax.lax.pmax(x, axis_name), max_logits)
+
+
+# --------------------------------------------------------------------------
+# Finding the attention layers.
+
+
+def _module_paths(shapes: Mapping[Path, tuple[int, ...]]) -> list[Path]:
+  mods = {p[:i] for p in shapes for i in range(len(p))}
+  return sorted(mods, key=lambda m: (len(m), m))
+
+
+def _required(layout: QKLayout, module: Path) -> list[Path] | None:
+  try:
+    return [join(module, s.path) for s in layout.params if not s.optional]
+  except ValueError:
+    return None
+
+
+def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: LayoutsLike,
+                          auto_detect: bool = True) -> dict[Path, Layer]:
+  """Attention layers (module path -> resolved layout) in a parameter tree.
+
+  ``layouts``: one :class:`QKLayout` (used at every module that has all of
+  its required parameters) or ``{pattern: QKLayout}`` with ``fnmatch``
+  patterns over ``'/'``-joined module paths (first match wins). Flax attention
+  modules not claimed by a layout are detected when ``auto_detect``. A layout
+  that matches no module raises ``ValueError``.
+  """
+  modules = _module_paths(shapes)
+  if layouts is None:
+    items: list[tuple[str, QKLayout]] = []
+  elif isinstance(layouts, QKLayout):
+    items = [("*", layouts)]
+  elif isinstance(layouts, Mapping):
+    items = list(layouts.items())
+    for pattern, layout in items:
+      if not isinstance(layout, QKLayout):
+        raise TypeError(f"QK-Clip layouts[{pattern!r}]: expected a QKLayout, got "
+                        f"{type(layout).__name__}")
+  else:
+    raise TypeError(f"QK-Clip layouts: expected a QKLayout, a mapping of patterns to "
+                    f"QKLayouts, or None, got {type(layouts).__name__}")
+  layers: dict[Path, Layer] = {}
+  for pattern, layout in items:
+    found = 0
+    for m in modules:
+      if m in layers or not fnmatch.fnmatchcase("/".join(m), pattern):
+        continue
+      req = _required(layout, m)
+      if req is None or not all(r in shapes for r in req):
+        continue
+      layers[m] = resolve_layout(layout, m, dict(shapes))
+      found += 1
+    if not found:
+      needs = [s.path for s in layout.params if not s.optional]
+      raise ValueError(f"QK-Clip layout {layout.name!r} for pattern {pattern!r} matches "
+                       f"nothing: no module path matching {pattern!r} has the parameters "
+                       f"{needs}")
+  if auto_detect:
+    for m in modules:
+      if m in layers:
+        continue
+      layout = detect_flax_attention(m, dict(shapes))
+      if layout is not None:
+        layers[m] = resolve_layout(layout, m, dict(shapes))
+  return layers
+
+
+def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: LayoutsLike,
+                     shapes: Mapping[Path, tuple[int, ...]]) -> ValueError:
+  hint = ""
+  items = ([("*", layouts)] if isinstance(layouts, QKLayout)
+           else list(layouts.items()) if isinstance(layouts, Mapping) else [])
+  for pattern, layout in items:
+    if fnmatch.fnmatchcase("/".join(module), pattern):
+      req = _required(layout, module) or []
+      missing = [path_str(r) for r in req if r not in shapes]
+      hint = (f" Layout {layout.name!r} (pattern {pattern!r}) matches the path but the "
+              f"parameters {missing} do not exist.")
+      break
+  known = ", ".join(repr(path_str(m)) for m in layers) or "none"
+  return ValueError(
+      f"QK-Clip: statistics at {path_str(module)!r} have no matching attention "
+      f"parameters (attention layers found: {known}).{hint} Sow max_logits in the module "
+      f"that owns the query/key parameters, or describe them with layouts=.")
+
+
+# --------------------------------------------------------------------------
+# The transformation.
+
+
+def _is_concrete(x: Any) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _as_schedule(every_k_schedule: Schedule | None) -> Callable[[jax.Array], jax.Array] | None:
+  if every_k_schedule is None:
+    return None
+  if callable(every_k_schedule):
+    return every_k_schedule
+  if _is_concrete(every_k_schedule) and int(every_k_schedule) < 1:
+    raise ValueError(f"every_k_schedule must be >= 1, got {every_k_schedule}")
+  return lambda step: every_k_schedule
+
+
+def qk_clip(
+    tau: float | jax.Array = 100.0,
+    *,
+    layouts: LayoutsLike = None,
+    gqa_sharing: GQASharing = "query",
+    gqa_alpha: float = 0.5,
+    auto_detect: bool = True,
+    strict: bool = True,
+    every_k_schedule: Schedule | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  """QK-Clip (Kimi K2, arXiv 2507.20534): rescale hot heads' q/k weights after the update.
+
+  For every attention layer and head ``h`` with statistic ``S_max^h > tau``,
+  ``gamma_h = tau / S_max^h`` and the head's query and key parameters are
+  scaled so that its logit scales by ``gamma_h`` (``sqrt(gamma_h)`` each for
+  MHA; see :mod:`muonclip_jax._qk_layouts` for GQA, MLA, QK-norm, fused QKV).
+  The returned update for an affected entry is ``(p + u) * f - p``, so
+  ``optax.apply_updates`` yields ``(p + u) * f``, K2's post-update weights;
+  every other entry's update passes through unchanged (bitwise).
+
+  Chain it *after* the optimizer and pass the step's statistics::
+
+    tx = optax.chain(optimizer, qk_clip(tau))
+    updates, state = tx.update(grads, state, params, max_logits=stats)
+
+  ``stats`` is what Flax returns: linen's ``'intermediates'`` collection (from
+  ``mutable=['intermediates']``) or NNX's ``State`` of ``nnx.Intermediate``
+  (``nnx.capture`` / ``nnx.pop``); each ``max_logits`` entry is matched to the
+  attention parameters at the same module path.
+
+  Args:
+    tau: the logit bound (K2: 100; 30 in their small ablation). Must be
+      positive; works under ``optax.inject_hyperparams`` (a traced ``tau <= 0``
+      disables clipping).
+    layouts: where the query/key parameters are, for modules other than
+      Flax's attention: a :class:`QKLayout` or ``{fnmatch pattern over module
+      paths: QKLayout}``.
+    gqa_sharing: how ``gamma`` is shared when key heads are fewer than query
+      heads: ``"query"`` (all on the query head; default), ``"group"`` or
+      ``"split"``.
+    gqa_alpha: the query's exponent for ``gqa_sharing="group"``.
+    auto_detect: find Flax attention modules (``query``/``key``/``value``/``out``)
+      by parameter names.
+    strict: every attention layer found must receive statistics on every
+      update (catches layers called without ``sow_weights=True``).
+    every_k_schedule: for gradient accumulation, the ``optax.MultiSteps``
+      schedule when this transform is chained *after* ``MultiSteps``: the
+      statistics are max-reduced over the micro-steps in the state and the clip
+      is applied once, on the micro-step where the accumulated update is
+      emitted (an int, or a function of the clipping-step count).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
+    ``max_logits=`` (required).
+
+  Raises:
+    ValueError: ``tau <= 0``; unknown ``gqa_sharing``; a layout that matches
+      nothing; statistics with no matching parameters or the wrong shape; a
+      missing ``max_logits`` argument (at trace time, naming the path).
+  """
+  if _is_concrete(tau) and not float(jnp.max(jnp.asarray(tau))) > 0:
+    raise ValueError(f"qk_clip: tau must be positive, got {tau}")
+  if gqa_sharing not in GQA_SHARINGS:
+    raise ValueError(f"qk_clip: gqa_sharing must be one of {GQA_SHARINGS}, got "
+                     f"{gqa_sharing!r}")
+  if _is_concrete(gqa_alpha) and not 0.0 <= float(gqa_alpha) <= 1.0:
+    raise ValueError(f"qk_clip: gqa_alpha must be in [0, 1], got {gqa_alpha}")
+  schedule = _as_schedule(every_k_schedule)
+
+  def find_layers(params: Any) -> tuple[dict[Path, Layer], int]:
+    leaves, _ = _flatten(params)
+    paths = [p for p, _ in leaves]
+    cut = _param_prefix(paths)
+    shapes = {p[cut:]: tuple(jnp.shape(_unwrap(leaf))) for p, leaf in leaves}
+    return find_attention_layers(shapes, layouts, auto_detect), cut
+
+  def init_fn(params: optax.Params) -> QKClipState:
+    layers, _ = find_layers(params)
+    neg = {path_str(m): jnp.full(layer.lead + (layer.num_heads,), -jnp.inf, jnp.float32)
+           for m, layer in layers.items()}
+    zero = jnp.zeros([], jnp.int32)
+    return QKClipState(max_logits=neg, num_clipped=zero, clipped_total=zero,
+                       num_skipped=zero, skipped_total=zero,
+                       acc_max_logits=dict(neg), mini_step=zero, gradient_step=zero)
+
+  def update_fn(updates: optax.Updates, state: QKClipState,
+                params: optax.Params | None = None, *, max_logits: Any = _MISSING,
+                **extra_args: Any) -> tuple[optax.Updates, QKClipState]:
+    del extra_args
+    if params is None:
+      raise ValueError("qk_clip: update needs params (it rescales post-update weights)")
+    if max_logits is _MISSING or max_logits is None:
+      raise ValueError(
+          "qk_clip: update needs this step's attention statistics: "
+          "tx.update(grads, state, params, max_logits=stats), with stats the linen "
+          "'intermediates' collection or the NNX State of nnx.Intermediate holding "
+          "'max_logits' (nnx.Optimizer.update(model, grads, max_logits=stats)).")
+    layers, cut = find_layers(params)
+    stats = collect_max_logits(max_logits)
+    for module, s in stats.items():
+      if module not in layers:
+        leaves, _ = _flatten(params)
+        shapes = {p[cut:]: tuple(jnp.shape(_unwrap(leaf))) for p, leaf in leaves}
+        raise _no_params_error(module, layers, layouts, shapes)
+      layer = layers[module]
+      want = layer.lead + (layer.num_heads,)
+      if tuple(s.shape) != want:
+        raise ValueError(f"QK-Clip: statistics at {path_str(module)!r} have shape "
+                         f"{tuple(s.shape)}, expected {want} ([layers...,] heads) for "
+                         f"layout {layer.layout.name!r}")
+    if strict:
+      missing = [path_str(m) for m in layers if m not in stats]
+      if missing:
+        raise ValueError(
+            f"QK-Clip: no max_logits for attention layers {missing} (strict=True). Call "
+            f"them with sow_weights=True and attention_fn=muonclip_jax."
+            f"dot_product_attention, or pass strict=False to leave them unclipped.")
+
+    tau_ = jnp.asarray(tau, jnp.float32)
+    if schedule is None:
+      emit = jnp.asarray(True)
+      used = {path_str(m): s.astype(jnp.float32) for m, s in stats.items()}
+      new_acc = state.acc_max_logits
+      mini_step = state.mini_step
+    else:
+      k_steps = jnp.asarray(schedule(state.gradient_step))
+      emit = state.mini_step >= k_steps - 1
+      used = {}
+      new_acc = dict(state.acc_max_logits)
+      for m, s in stats.items():
+        name = path_str(m)
+        used[name] = jnp.maximum(state.acc_max_logits[name], s.astype(jnp.float32))
+        new_acc[name] = jnp.where(emit, -jnp.inf, used[name])
+      mini_step = jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32)
+
+    factors: dict[Path, jax.Array] = {}
+    num_clipped = jnp.zeros([], jnp.int32)
+    num_skipped = jnp.zeros([], jnp.int32)
+    for m in stats:
+      layer = layers[m]
+      s = used[path_str(m)]
+      valid = jnp.isfinite(s) & (s > 0)
+      clip = valid & (s > tau_) & (tau_ > 0) & emit
+      gamma = jnp.where(clip, tau_ / jnp.where(clip, s, 1.0), 1.0)
+      num_clipped += jnp.sum(clip, dtype=jnp.int32)
+      num_skipped += jnp.sum(~valid & emit, dtype=jnp.int32)
+      for target, f in zip(layer.targets, slot_factors(layer, gamma, gqa_sharing,
+                                                       gqa_alpha)):
+        full = factor_array(target, f)
+        factors[target.param] = factors[target.param] * full if target.param in factors \
+            else full
+
+    u_leaves, treedef = _flatten(updates)
+    p_leaves, _ = _flatten(params)
+    p_by_path = {p[cut:]: leaf for p, leaf in p_leaves}
+    out = []
+    for path, u in u_leaves:
+      f = factors.get(path[cut:])
+      if f is None:
+        out.append(u)
+        continue
+      uu = _unwrap(u)
+      p = jnp.asarray(_unwrap(p_by_path[path[cut:]]), jnp.float32)
+      clipped = (p + uu.astype(jnp.float32)) * f - p
+      new = jnp.where(f != 1.0, clipped.astype(uu.dtype), uu)
+      out.append(u.replace(new) if _is_var(u) else new)
+    new_updates = jax.tree_util.tree_unflatten(treedef, out)
+
+    telemetry = dict(state.max_logits)
+    for name, s in used.items():
+      telemetry[name] = jnp.where(emit, s, state.max_logits[name])
+    keep = lambda new, old: jnp.where(emit, new, old)
+    new_state = QKClipState(
+        max_logits=telemetry,
+        num_clipped=keep(num_clipped, state.num_clipped),
+        clipped_total=state.clipped_total + num_clipped,
+        num_skipped=keep(num_skipped, state.num_skipped),
+        skipped_total=state.skipped_total + num_skipped,
+        acc_max_logits=new_acc,
+        mini_step=mini_step,
+        gradient_step=(state.gradient_step + emit.astype(jnp.int32)).astype(jnp.int32),
+    )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,516 @@
+"""Where the query and key parameters of an attention layer live, per head.
+
+QK-Clip (Kimi K2, arXiv 2507.20534) rescales, for every head ``h`` whose max
+logit ``S_max^h`` exceeds ``tau``, the query and key parameters of that head so
+that its logit shrinks by ``gamma_h = tau / S_max^h``. A *layout* tells
+:func:`muonclip_jax.qk_clip` which parameter entries belong to which head,
+relative to the module that sowed ``max_logits``.
+
+A :class:`QKLayout` is a tuple of :class:`QKParam` entries. Each entry names one
+parameter (a path relative to the sowing module, ``'/'``-separated, ``'..'``
+climbs one level) and says
+
+* its ``role``: ``"query"`` (a factor on ``q``), ``"key"`` (on ``k``), or
+  ``"query_rope"`` (MLA's per-head rotary query ``q^R``, which gets all of
+  ``gamma_h`` because its key ``k^R`` is shared across heads and left alone);
+* ``ndim``, its rank for one layer (extra leading axes are scanned-layer axes;
+  statistics then carry the same leading axes: ``(layers, heads)``);
+* how heads sit in it: optionally ``split`` one axis into several (a view),
+  then ``head_axes`` (row-major, possibly several axes) enumerate ``heads``
+  head slots, each slot covering an equal contiguous run of entries, and
+  ``select`` restricts every axis it names to a ``[start, stop)`` range (fused
+  QKV kernels, the ``k`` half of MLA's ``kv_b`` projection). ``head_axes=()``
+  means one slot shared by every head (QK-norm gains of shape ``(head_dim,)``).
+
+How ``gamma`` is shared. Let ``n_k`` be the key slots and ``n_q`` the query slots.
+
+* ``n_q == n_k`` (MHA, MLA, shared QK-norm gains): query and key entries of a
+  slot each get ``sqrt(gamma)`` (the slot's minimum ``gamma`` when a slot covers
+  several heads); ``query_rope`` gets ``gamma``. This is the paper's rule.
+* ``n_k < n_q`` (GQA/MQA), ``gqa_sharing``:
+
+  - ``"query"`` (default): query head ``h`` gets ``gamma_h``, the shared key is
+    untouched. Exact per head and touches no other head (the paper's own rule
+    for MLA's shared ``k^R``).
+  - ``"group"``: one factor per KV group, ``gamma_g = min_{h in g} gamma_h``
+    (from the group's largest logit), ``gamma_g^alpha`` on every query head of
+    the group and ``gamma_g^(1-alpha)`` on the key (Megatron; ``alpha=0.5`` by
+    default). Sibling heads are clipped by the hottest head's factor.
+  - ``"split"``: query head ``h`` gets ``sqrt(gamma_h)``, the shared key
+    ``sqrt(min_g gamma)``. The hottest head lands exactly on ``tau``; its
+    siblings are over-clipped by ``sqrt(min_g gamma / gamma_h)``.
+
+* no key entries: query entries get ``gamma``; no query entries: key entries
+  get ``gamma``.
+
+QK-norm: ``RMSNorm``/``LayerNorm`` on ``q`` and ``k`` after the projection
+cancels any scaling of ``W_q``, ``W_k``, so the clip acts on the norm gains.
+Gains shared by all heads (Flax's ``normalize_qk``: shape ``(head_dim,)``)
+cannot clip one head alone: the layer's smallest ``gamma`` is applied,
+``sqrt`` on each side, which over-clips the cooler heads of a hot layer;
+per-head gains (``(heads, head_dim)``) clip per head.
+
+Flax's ``MultiHeadDotProductAttention`` (linen) and ``MultiHeadAttention``
+(NNX) are detected by parameter names next to where ``max_logits`` was sown
+(``query``, ``key``, ``value``, ``out`` with 3-D ``kernel``; ``query_ln`` /
+``key_ln`` ``scale`` with ``normalize_qk=True``) and need no layout.
+
+Examples (paths are relative to the module that called ``sow``)::
+
+  separate_qk("q_proj", "k_proj", num_heads=8, merged_heads=True)  # nn.Dense
+  separate_qk("q", "k")                                 # DenseGeneral (E, H, D)
+  fused_qkv("c_attn", num_heads=12)                     # GPT-2 (E, 3*H*D)
+  fused_qkv("qkv", num_heads=32, num_kv_heads=8, order="groups")  # Megatron
+  mla("wq_b", "wkv_b", num_heads=16, qk_nope_head_dim=128,
+      qk_rope_head_dim=64, v_head_dim=128)
+  qk_norm("q_norm", "k_norm", num_heads=8)              # shared gains (D,)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Role = Literal["query", "key", "query_rope"]
+GQASharing = Literal["query", "group", "split"]
+_ROLES = ("query", "key", "query_rope")
+GQA_SHARINGS = ("query", "group", "split")
+Path = tuple[str, ...]
+
+
+class QKParam(NamedTuple):
+  """One parameter that QK-Clip rescales, and where its heads are.
+
+  Attributes:
+    path: ``'/'``-separated path relative to the module that sowed
+      ``max_logits`` (``'..'`` goes up one level).
+    role: ``"query"``, ``"key"`` or ``"query_rope"`` (see module docstring).
+    ndim: the parameter's rank for one layer; leading extra axes are layer
+      (scan) axes and must match the statistic's leading axes.
+    head_axes: axes (of the per-layer view, negative counts from the end) that
+      enumerate head slots, in increasing order; ``()`` for a slot shared by
+      all heads.
+    heads: number of head slots along ``head_axes``; ``None`` means their
+      (selected) extent, i.e. one slot per index. For ``(embed, heads*dim)``
+      kernels give ``heads`` so each slot covers ``dim`` entries.
+    split: ``(axis, sizes)``: view the per-layer parameter with ``axis`` split
+      into ``sizes`` (one ``-1`` allowed) before reading ``head_axes`` and
+      ``select``.
+    select: ``((axis, start, stop), ...)`` ranges of the view this entry
+      covers (``stop=None``: to the end); entries outside are untouched.
+    optional: skip silently when the parameter does not exist (biases).
+  """
+
+  path: str
+  role: Role
+  ndim: int
+  head_axes: tuple[int, ...] = (-2,)
+  heads: int | None = None
+  split: tuple[int, tuple[int, ...]] | None = None
+  select: tuple[tuple[int, int, int | None], ...] = ()
+  optional: bool = False
+
+
+class QKLayout(NamedTuple):
+  """The query/key parameters of one attention layer, relative to its sowing module.
+
+  Attributes:
+    params: the :class:`QKParam` entries.
+    num_heads: query heads (size of the statistic's last axis); ``None`` infers
+      it from the query entries' head slots. Required when every query entry
+      is shared (``head_axes=()``).
+    name: a label used in error messages.
+  """
+
+  params: tuple[QKParam, ...]
+  num_heads: int | None = None
+  name: str = "custom"
+
+
+# --------------------------------------------------------------------------
+# Constructors for common layouts.
+
+
+def _kernel_and_bias(module: str, role: Role, kernel: str, bias: str | None,
+                     merged_heads: bool, heads: int | None) -> list[QKParam]:
+  if merged_heads:
+    if heads is None:
+      raise ValueError(f"{module}: merged (2-D) kernels need the number of heads")
+    out = [QKParam(f"{module}/{kernel}", role, 2, (-1,), heads)]
+    if bias:
+      out.append(QKParam(f"{module}/{bias}", role, 1, (-1,), heads, optional=True))
+  else:
+    out = [QKParam(f"{module}/{kernel}", role, 3, (-2,))]
+    if bias:
+      out.append(QKParam(f"{module}/{bias}", role, 2, (-2,), optional=True))
+  return out
+
+
+def separate_qk(query: str = "query", key: str = "key", *, num_heads: int | None = None,
+                num_kv_heads: int | None = None, merged_heads: bool = False,
+                kernel: str = "kernel", bias: str | None = "bias") -> QKLayout:
+  """Separate query and key projections, with optional biases.
+
+  Args:
+    query: path of the query projection module.
+    key: path of the key projection module.
+    num_heads: query heads; required with ``merged_heads``.
+    num_kv_heads: key heads (GQA/MQA); default ``num_heads``.
+    merged_heads: ``True`` for 2-D ``(embed, heads*head_dim)`` kernels
+      (``nn.Dense``/``nnx.Linear``, heads major), ``False`` for 3-D
+      ``(embed, heads, head_dim)`` ones (``DenseGeneral``/``LinearGeneral``).
+    kernel: the kernel's name inside each module.
+    bias: the bias's name (skipped when absent); ``None`` for no bias.
+  """
+  kv = num_kv_heads if num_kv_heads is not None else num_heads
+  params = (_kernel_and_bias(query, "query", kernel, bias, merged_heads, num_heads)
+            + _kernel_and_bias(key, "key", kernel, bias, merged_heads, kv))
+  return QKLayout(tuple(params), num_heads, "separate_qk")
+
+
+def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = None,
+              order: Literal["blocks", "heads", "groups"] = "blocks",
+              kernel: str = "kernel", bias: str | None = "bias") -> QKLayout:
+  """One fused QKV projection with a 2-D kernel ``(embed, (H + 2 H_kv) * head_dim)``.
+
+  Args:
+    path: path of the fused projection module.
+    num_heads: query heads ``H``.
+    num_kv_heads: key/value heads ``H_kv`` (default ``H``).
+    order: how the output axis is laid out:
+      ``"blocks"``: ``[q_0..q_{H-1} | k_0..k_{H_kv-1} | v ...]`` (GPT-2
+      ``c_attn``, fused ``qkv_proj``); ``"heads"``: per head ``[q_h, k_h, v_h]``
+      (GPT-NeoX; MHA only); ``"groups"``: per KV group
+      ``[q x (H/H_kv), k, v]`` (Megatron GQA).
+    kernel: the kernel's name inside the module.
+    bias: the bias's name (skipped when absent); ``None`` for no bias.
+  """
+  kv = num_kv_heads if num_kv_heads is not None else num_heads
+  if num_heads % kv:
+    raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
+  rep = num_heads // kv
+  entries: list[tuple[str, int]] = [(kernel, 2)] + ([(bias, 1)] if bias else [])
+  params = []
+  for name, nd in entries:
+    optional = name == bias
+    full = f"{path}/{name}"
+    if order == "blocks":
+      split = (-1, (num_heads + 2 * kv, -1))
+      params += [QKParam(full, "query", nd, (-2,), None, split, ((-2, 0, num_heads),), optional),
+                 QKParam(full, "key", nd, (-2,), None, split,
+                         ((-2, num_heads, num_heads + kv),), optional)]
+    elif order == "heads":
+      if kv != num_heads:
+        raise ValueError("order='heads' is MHA only; use order='groups' for GQA")
+      split = (-1, (num_heads, 3, -1))
+      params += [QKParam(full, "query", nd, (-3,), None, split, ((-2, 0, 1),), optional),
+                 QKParam(full, "key", nd, (-3,), None, split, ((-2, 1, 2),), optional)]
+    elif order == "groups":
+      split = (-1, (kv, rep + 2, -1))
+      params += [QKParam(full, "query", nd, (-3, -2), None, split, ((-2, 0, rep),), optional),
+                 QKParam(full, "key", nd, (-3,), None, split, ((-2, rep, rep + 1),), optional)]
+    else:
+      raise ValueError(f"order: expected 'blocks', 'heads' or 'groups', got {order!r}")
+  return QKLayout(tuple(params), num_heads, f"fused_qkv[{order}]")
+
+
+def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: int,
+        qk_rope_head_dim: int, v_head_dim: int, merged_heads: bool = False,
+        kernel: str = "kernel") -> QKLayout:
+  """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2).
+
+  The query projection's per-head output is ``[q^C (nope) | q^R (rope)]``; the
+  key/value up-projection's is ``[k^C (nope) | v]``; the rotary key ``k^R`` is
+  shared by all heads (from the down-projection) and left untouched. QK-Clip
+  scales ``q^C`` and ``k^C`` by ``sqrt(gamma_h)`` and ``q^R`` by ``gamma_h``.
+
+  Args:
+    q: path of the (up-)projection producing queries (``wq`` or ``wq_b``).
+    kv: path of the key/value up-projection ``wkv_b``.
+    num_heads: heads.
+    qk_nope_head_dim: per-head width of ``q^C`` and ``k^C``.
+    qk_rope_head_dim: per-head width of ``q^R``.
+    v_head_dim: per-head width of ``v``.
+    merged_heads: 2-D kernels ``(in, heads * width)`` instead of 3-D
+      ``(in, heads, width)``.
+    kernel: the kernel's name inside each module.
+  """
+  nope, rope = qk_nope_head_dim, qk_rope_head_dim
+  if merged_heads:
+    q_split = (-1, (num_heads, nope + rope))
+    kv_split = (-1, (num_heads, nope + v_head_dim))
+    nd = 2
+  else:
+    q_split = kv_split = None
+    nd = 3
+  return QKLayout((
+      QKParam(f"{q}/{kernel}", "query", nd, (-2,), None, q_split, ((-1, 0, nope),)),
+      QKParam(f"{q}/{kernel}", "query_rope", nd, (-2,), None, q_split,
+              ((-1, nope, nope + rope),)),
+      QKParam(f"{kv}/{kernel}", "key", nd, (-2,), None, kv_split, ((-1, 0, nope),)),
+  ), num_heads, "mla")
+
+
+def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
+            num_kv_heads: int | None = None, per_head: bool = False,
+            scale: str = "scale", bias: str | None = "bias") -> QKLayout:
+  """QK-norm gains: the clip scales the norms' ``scale`` (and ``bias``) instead of kernels.
+
+  Args:
+    query: path of the query norm module.
+    key: path of the key norm module.
+    num_heads: query heads.
+    num_kv_heads: key heads for per-head gains under GQA (default ``num_heads``).
+    per_head: ``True`` for gains of shape ``(heads, head_dim)``, ``False`` for
+      gains ``(head_dim,)`` shared by all heads (per-layer clip, see module doc).
+    scale: name of the gain parameter.
+    bias: name of the norm's bias (LayerNorm with bias; skipped when absent).
+  """
+  kv = num_kv_heads if num_kv_heads is not None else num_heads
+  params = []
+  for module, role, heads in ((query, "query", num_heads), (key, "key", kv)):
+    names = [(scale, False)] + ([(bias, True)] if bias else [])
+    for name, optional in names:
+      if per_head:
+        params.append(QKParam(f"{module}/{name}", role, 2, (-2,), heads, optional=optional))
+      else:
+        params.append(QKParam(f"{module}/{name}", role, 1, (), optional=optional))
+  return QKLayout(tuple(params), num_heads, "qk_norm")
+
+
+def flax_attention(*, normalize_qk: bool = False, num_heads: int | None = None) -> QKLayout:
+  """Flax's ``MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` parameters."""
+  if normalize_qk:
+    if num_heads is None:
+      raise ValueError("flax_attention(normalize_qk=True) needs num_heads")
+    layout = qk_norm("query_ln", "key_ln", num_heads=num_heads)
+  else:
+    layout = separate_qk("query", "key", num_heads=num_heads)
+  return layout._replace(name="flax_attention" + ("[normalize_qk]" if normalize_qk else ""))
+
+
+def detect_flax_attention(module: Path, shapes: dict[Path, tuple[int, ...]]
+                          ) -> QKLayout | None:
+  """The layout of a Flax attention module at ``module``, or ``None`` if it is not one."""
+  def get(*names: str) -> tuple[int, ...] | None:
+    return shapes.get(module + names)
+
+  q, k, v, o = (get(n, "kernel") for n in ("query", "key", "value", "out"))
+  if q is None or k is None or v is None or o is None or len(q) < 3 or len(o) < 3:
+    return None
+  num_heads = q[-2]
+  if get("query_ln", "scale") is not None and get("key_ln", "scale") is not None:
+    return flax_attention(normalize_qk=True, num_heads=num_heads)
+  return flax_attention(num_heads=num_heads)
+
+
+# --------------------------------------------------------------------------
+# Resolution against a parameter tree and factor arrays.
+
+
+class Target(NamedTuple):
+  """A :class:`QKParam` resolved against a concrete parameter."""
+
+  param: Path
+  spec: QKParam
+  shape: tuple[int, ...]
+  lead: tuple[int, ...]
+  view: tuple[int, ...]
+  head_axes: tuple[int, ...]       # non-negative axes of the view
+  ranges: tuple[tuple[int, int], ...]  # per view axis [start, stop)
+  slots: int
+
+
+class Layer(NamedTuple):
+  """A layout resolved at one module path."""
+
+  module: Path
+  layout: QKLayout
+  targets: tuple[Target, ...]
+  num_heads: int
+  lead: tuple[int, ...]
+
+
+def path_str(path: Sequence[str]) -> str:
+  return "/".join(path) if path else "<root>"
+
+
+def join(module: Path, rel: str) -> Path:
+  out = list(module)
+  for part in rel.split("/"):
+    if part in ("", "."):
+      continue
+    if part == "..":
+      if not out:
+        raise ValueError(f"path {rel!r} climbs above the root from {path_str(module)!r}")
+      out.pop()
+    else:
+      out.append(part)
+  return tuple(out)
+
+
+def _view(shape: tuple[int, ...], split: tuple[int, tuple[int, ...]] | None,
+          where: str) -> tuple[int, ...]:
+  if split is None:
+    return shape
+  axis, sizes = split
+  axis = axis % len(shape)
+  sizes = tuple(sizes)
+  known = math.prod(s for s in sizes if s != -1)
+  n_free = sum(1 for s in sizes if s == -1)
+  if n_free > 1 or known == 0:
+    raise ValueError(f"{where}: invalid split sizes {sizes}")
+  if n_free:
+    if shape[axis] % known:
+      raise ValueError(f"{where}: axis of size {shape[axis]} cannot be split into {sizes}")
+    sizes = tuple(shape[axis] // known if s == -1 else s for s in sizes)
+  if math.prod(sizes) != shape[axis]:
+    raise ValueError(f"{where}: axis of size {shape[axis]} cannot be split into {sizes}")
+  return shape[:axis] + sizes + shape[axis + 1:]
+
+
+def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Target:
+  """Checks ``spec`` against the parameter's ``shape``; raises ``ValueError`` naming it."""
+  param = join(module, spec.path)
+  where = f"QK-Clip layout entry {spec.path!r} at {path_str(param)!r} (shape {shape})"
+  if spec.role not in _ROLES:
+    raise ValueError(f"{where}: role must be one of {_ROLES}, got {spec.role!r}")
+  if spec.ndim < 1 or spec.ndim > len(shape):
+    raise ValueError(f"{where}: per-layer ndim {spec.ndim} does not fit the parameter")
+  n_lead = len(shape) - spec.ndim
+  lead, per_layer = shape[:n_lead], shape[n_lead:]
+  view = _view(per_layer, spec.split, where)
+  rank = len(view)
+  ranges = [(0, s) for s in view]
+  for axis, start, stop in spec.select:
+    if not -rank <= axis < rank:
+      raise ValueError(f"{where}: select axis {axis} out of range for view {view}")
+    a = axis % rank
+    stop = view[a] if stop is None else stop
+    if not 0 <= start < stop <= view[a]:
+      raise ValueError(f"{where}: select range [{start}, {stop}) out of bounds for axis "
+                       f"{axis} of view {view}")
+    ranges[a] = (start, stop)
+  head_axes = []
+  for axis in spec.head_axes:
+    if not -rank <= axis < rank:
+      raise ValueError(f"{where}: head axis {axis} out of range for view {view}")
+    head_axes.append(axis % rank)
+  if sorted(set(head_axes)) != head_axes:
+    raise ValueError(f"{where}: head_axes must be distinct and in increasing order")
+  extent = math.prod(ranges[a][1] - ranges[a][0] for a in head_axes)
+  slots = extent if spec.heads is None else spec.heads
+  if not head_axes:
+    if spec.heads not in (None, 1):
+      raise ValueError(f"{where}: a shared entry (head_axes=()) has one head slot")
+    slots = 1
+  elif slots < 1 or extent % slots:
+    raise ValueError(f"{where}: {extent} entries along the head axes do not split into "
+                     f"{slots} heads")
+  return Target(param, spec, shape, lead, view, tuple(head_axes), tuple(ranges), slots)
+
+
+def resolve_layout(layout: QKLayout, module: Path,
+                   shapes: dict[Path, tuple[int, ...]]) -> Layer:
+  """Resolves every entry of ``layout`` at ``module``; raises ``ValueError`` naming paths."""
+  targets = []
+  for spec in layout.params:
+    param = join(module, spec.path)
+    if param not in shapes:
+      if spec.optional:
+        continue
+      raise ValueError(f"QK-Clip layout {layout.name!r} at {path_str(module)!r}: no "
+                       f"parameter {path_str(param)!r}")
+    targets.append(resolve_target(spec, module, shapes[param]))
+  where = f"QK-Clip layout {layout.name!r} at {path_str(module)!r}"
+  if not targets:
+    raise ValueError(f"{where}: matches no parameter")
+  leads = {t.lead for t in targets}
+  if len(leads) != 1:
+    raise ValueError(f"{where}: entries disagree on leading (layer) axes: "
+                     + ", ".join(f"{path_str(t.param)}: {t.lead}" for t in targets))
+  q_slots = [t.slots for t in targets if t.spec.role != "key"]
+  k_slots = [t.slots for t in targets if t.spec.role == "key"]
+  num_heads = layout.num_heads if layout.num_heads is not None else max(q_slots + k_slots)
+  for t in targets:
+    if num_heads % t.slots:
+      raise ValueError(f"{where}: {path_str(t.param)} has {t.slots} head slots, which do "
+                       f"not divide num_heads={num_heads}")
+  if len(set(k_slots)) > 1:
+    raise ValueError(f"{where}: key entries disagree on the number of heads: {k_slots}")
+  return Layer(module, layout, tuple(targets), num_heads, leads.pop())
+
+
+def group_min(gamma: jax.Array, slots: int) -> jax.Array:
+  """``min`` of ``gamma`` (``[..., H]``) over ``slots`` contiguous equal groups."""
+  h = gamma.shape[-1]
+  if slots == h:
+    return gamma
+  return jnp.min(gamma.reshape(gamma.shape[:-1] + (slots, h // slots)), axis=-1)
+
+
+def slot_factors(layer: Layer, gamma: jax.Array, gqa_sharing: GQASharing,
+                 gqa_alpha: float) -> list[jax.Array]:
+  """Per-target head-slot factors ``[lead..., slots]`` from per-head ``gamma``."""
+  q_targets = [t for t in layer.targets if t.spec.role != "key"]
+  k_targets = [t for t in layer.targets if t.spec.role == "key"]
+  n_k = k_targets[0].slots if k_targets else None
+  n_q = max((t.slots for t in layer.targets if t.spec.role == "query"), default=None)
+  gamma_eff = gamma
+  if not k_targets:
+    e_q, e_k = 1.0, 0.0
+  elif not q_targets:
+    e_q, e_k = 0.0, 1.0
+  elif n_q is not None and n_k < n_q:
+    if gqa_sharing == "query":
+      e_q, e_k = 1.0, 0.0
+    elif gqa_sharing == "split":
+      e_q, e_k = 0.5, 0.5
+    else:  # group
+      g = group_min(gamma, n_k)
+      gamma_eff = jnp.repeat(g, layer.num_heads // n_k, axis=-1)
+      e_q, e_k = gqa_alpha, 1.0 - gqa_alpha
+  else:
+    e_q, e_k = 0.5, 0.5
+  out = []
+  for t in layer.targets:
+    if t.spec.role == "key":
+      out.append(jnp.power(group_min(gamma, t.slots), e_k))
+    elif t.spec.role == "query_rope":
+      out.append(group_min(gamma_eff, t.slots))
+    else:
+      out.append(jnp.power(group_min(gamma_eff, t.slots), e_q))
+  return out
+
+
+def factor_array(target: Target, factors: jax.Array) -> jax.Array:
+  """Expands head-slot ``factors`` (``[lead..., slots]``) to the parameter's shape.
+
+  Entries outside the target's selection get factor 1.
+  """
+  lead, view = target.lead, target.view
+  ranges, head_axes = target.ranges, target.head_axes
+  f = factors.astype(jnp.float32)
+  if head_axes:
+    extents = tuple(ranges[a][1] - ranges[a][0] for a in head_axes)
+    per_slot = math.prod(extents) // target.slots
+    f = jnp.repeat(f, per_slot, axis=-1) if per_slot > 1 else f
+    f = f.reshape(lead + extents)
+    pads = [(0, 0)] * len(lead) + [(ranges[a][0], view[a] - ranges[a][1]) for a in head_axes]
+    f = jnp.pad(f, pads, constant_values=1.0)
+  bshape = lead + tuple(view[a] if a in head_axes else 1 for a in range(len(view)))
+  f = f.reshape(bshape)
+  other = [a for a in range(len(view)) if a not in head_axes and ranges[a] != (0, view[a])]
+  if other:
+    sel = None
+    for a in other:
+      idx = jnp.arange(view[a])
+      ok = (idx >= ranges[a][0]) & (idx < ranges[a][1])
+      ok = ok.reshape(tuple(view[a] if b == a else 1 for b in range(len(view))))
+      sel = ok if sel is None else sel & ok
+    f = jnp.where(sel, f, 1.0)
+  return jnp.broadcast_to(f, lead + view).reshape(target.shape)
