@@ -53,7 +53,7 @@ class NSOptions(NamedTuple):
   dtype: jnp.dtype | None
   method: str
   restarts: tuple[int, ...] | None
-  eps: float
+  eps: jax.typing.ArrayLike
 
 
 class LeafPlan(NamedTuple):
@@ -174,7 +174,7 @@ def scale_by_muon(
       dtype=None if ns_dtype is None else resolve_compute_dtype(ns_dtype, jnp.float32),
       method=check_method(method),
       restarts=None if restarts is None else tuple(int(r) for r in restarts),
-      eps=float(eps),
+      eps=eps,  # May be an array under optax.inject_hyperparams.
   )
   scaling = check_shape_scaling(shape_scaling)
   dims_fn = _dims_lookup(dimension_numbers)
