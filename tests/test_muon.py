@@ -303,3 +303,17 @@ def test_dimension_numbers_that_do_not_fit_name_path(dims, match):
   tx = mc.scale_by_muon(dimension_numbers={"layer": {"kernel": dims}})
   with pytest.raises(ValueError, match=match):
     tx.init(params)
+
+
+def test_weight_decay_mask_applies_to_both_branches():
+  rng = np.random.default_rng(10)
+  params = {"w": _rand(rng, (8, 16)), "v": _rand(rng, (8, 16)), "b": _rand(rng, (16,)),
+            "c": _rand(rng, (16,))}
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  mask = {"w": True, "v": False, "b": True, "c": False}
+  tx = mc.muon(0.5, weight_decay=0.1, weight_decay_mask=mask)
+  u, _ = tx.update(zeros, tx.init(params), params)  # zero gradients: only decay moves
+  chex.assert_trees_all_close(u["w"], -0.5 * 0.1 * params["w"], atol=1e-7)
+  chex.assert_trees_all_close(u["b"], -0.5 * 0.1 * params["b"], atol=1e-7)
+  chex.assert_trees_all_equal(u["v"], jnp.zeros_like(params["v"]))
+  chex.assert_trees_all_equal(u["c"], jnp.zeros_like(params["c"]))
