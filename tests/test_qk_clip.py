@@ -1,0 +1,756 @@
+"""QK-Clip exactness for every layout, and bad input.
+
+Exactness (Kimi K2, arXiv 2507.20534): after one MuonClip step at learning
+rate 0 the per-head max logit recomputed on the same batch is ``min(S, tau)``
+(or the sharing rule's prediction for GQA "group"/"split" and shared QK-norm
+gains), cool heads' parameters are bitwise unchanged, and so is every other
+parameter.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+from flax import nnx
+
+import muonclip_jax as mc
+
+RTOL = 2e-5  # float32 logits of order 10-100, recomputed after rescaling
+E, L, B = 16, 6, 2
+_BIAS = nn.initializers.normal(0.5)
+
+
+def _key_str(k):
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
+
+
+def _is_value_attr(k) -> bool:
+  return isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"
+
+
+def flat(tree) -> dict[tuple[str, ...], np.ndarray]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {tuple(_key_str(k) for k in p if not _is_value_attr(k)): np.asarray(v)
+          for p, v in leaves}
+
+
+def stats_of(stats) -> dict[tuple[str, ...], np.ndarray]:
+  return {p[:-1]: v for p, v in flat(stats).items() if p[-1] == "max_logits"}
+
+
+def x_input(seed: int = 1, scale: float = 2.0) -> jax.Array:
+  return jax.random.normal(jax.random.key(seed), (B, L, E)) * scale
+
+
+def pick_tau(stats) -> float:
+  """A tau between the statistics so some heads are hot and some cool."""
+  v = np.concatenate([np.ravel(a) for a in stats_of(stats).values()])
+  v = np.sort(v[v > 0])
+  i = len(v) // 2
+  return float((v[i - 1] + v[i]) / 2)
+
+
+def gammas(s: np.ndarray, tau: float) -> np.ndarray:
+  s = np.asarray(s, np.float64)
+  hot = np.isfinite(s) & (s > 0) & (s > tau)
+  return np.where(hot, tau / np.where(hot, s, 1.0), 1.0)
+
+
+def group_min(g: np.ndarray, kv: int) -> np.ndarray:
+  h = g.shape[-1]
+  m = g.reshape(g.shape[:-1] + (kv, h // kv)).min(-1)
+  return np.repeat(m, h // kv, axis=-1)
+
+
+def predicted(s: np.ndarray, tau: float, mode: str, kv: int | None = None) -> np.ndarray:
+  """The statistic after clipping, by the sharing rule."""
+  g = gammas(s, tau)
+  if mode in ("mha", "query"):
+    return np.minimum(s, tau)
+  if mode == "shared":
+    return s * g.min(-1, keepdims=True)
+  gm = group_min(g, kv)
+  if mode == "group":
+    return s * gm
+  if mode == "split":
+    return s * np.sqrt(g * gm)
+  raise ValueError(mode)
+
+
+def clip_step(params, stats, tau: float, **kw):
+  """One MuonClip step at learning rate 0 (jitted); returns new params and state."""
+  tx = mc.muonclip(0.0, tau=tau, **kw)
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
+  updates, state = jax.jit(tx.update)(grads, state, params, max_logits=stats)
+  return optax.apply_updates(params, updates), state[-1]
+
+
+def check_others_bitwise(old, new, may_change) -> None:
+  fo, fn = flat(old), flat(new)
+  assert fo.keys() == fn.keys()
+  for p in fo:
+    if p not in may_change:
+      np.testing.assert_array_equal(fo[p], fn[p], err_msg=f"{p} changed")
+
+
+def check_heads(old, new, path, view, changed: np.ndarray) -> None:
+  """Per head slot (``view`` -> ``[lead..., slots, rest]``): unchanged iff not ``changed``."""
+  o, n = np.asarray(view(flat(old)[path])), np.asarray(view(flat(new)[path]))
+  same = np.all(o == n, axis=-1)
+  np.testing.assert_array_equal(same, ~changed, err_msg=f"{path}: heads touched {~same}")
+
+
+def per_head(a, axis: int, n_lead: int = 0):
+  """Moves ``axis`` (of size heads) right after the lead axes and flattens the rest."""
+  a = np.moveaxis(np.asarray(a), axis, n_lead)
+  return a.reshape(a.shape[:n_lead + 1] + (-1,))
+
+
+def merged(a, heads: int, n_lead: int = 0):
+  """``[lead..., in, heads*dim]`` -> ``[lead..., heads, in*dim]``."""
+  a = np.asarray(a)
+  a = a.reshape(a.shape[:-1] + (heads, -1))
+  return per_head(a, -2, n_lead)
+
+
+# --------------------------------------------------------------------------
+# Hand-written linen attention modules, each sowing with sow_max_logits.
+
+
+def causal() -> jax.Array:
+  return jnp.tril(jnp.ones((L, L), jnp.bool_))
+
+
+def qk_logits(q, k):
+  rep = q.shape[-2] // k.shape[-2]
+  k = jnp.repeat(k, rep, axis=-2)
+  return jnp.einsum("...qhd,...khd->...hqk", q, k) / math.sqrt(q.shape[-1])
+
+
+def finish(mod: nn.Module, logits, v):
+  mask = causal()
+  mc.sow_max_logits(mod, mc.head_max_logits(logits, mask=mask))
+  w = jax.nn.softmax(jnp.where(mask, logits, -1e9))
+  rep = logits.shape[-3] // v.shape[-2]
+  out = jnp.einsum("...hqk,...khd->...qhd", w, jnp.repeat(v, rep, axis=-2))
+  return nn.DenseGeneral(E, axis=(-2, -1), name="o_proj")(out)
+
+
+class DenseAttn(nn.Module):
+  """2-D ``nn.Dense`` q/k/v projections with biases (``separate_qk(merged_heads=True)``)."""
+
+  heads: int = 4
+  kv_heads: int = 4
+  dim: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    sh = x.shape[:-1]
+    q = nn.Dense(self.heads * self.dim, bias_init=_BIAS, name="q_proj")(x)
+    k = nn.Dense(self.kv_heads * self.dim, bias_init=_BIAS, name="k_proj")(x)
+    v = nn.Dense(self.kv_heads * self.dim, name="v_proj")(x)
+    q = q.reshape(sh + (self.heads, self.dim))
+    k = k.reshape(sh + (self.kv_heads, self.dim))
+    v = v.reshape(sh + (self.kv_heads, self.dim))
+    return finish(self, qk_logits(q, k), v)
+
+
+class GeneralAttn(nn.Module):
+  """3-D ``DenseGeneral`` projections named ``wq``/``wk``/``wv`` with biases."""
+
+  heads: int = 4
+  kv_heads: int = 4
+  dim: int = 4
+
+  @nn.compact
+  def __call__(self, x):
+    dg = lambda h, name: nn.DenseGeneral((h, self.dim), bias_init=_BIAS, name=name)
+    q, k, v = dg(self.heads, "wq")(x), dg(self.kv_heads, "wk")(x), dg(self.kv_heads, "wv")(x)
+    return finish(self, qk_logits(q, k), v)
+
+
+class FusedAttn(nn.Module):
+  """One ``nn.Dense`` QKV projection, laid out by ``order``."""
+
+  heads: int = 4
+  kv_heads: int = 4
+  dim: int = 4
+  order: str = "blocks"
+
+  @nn.compact
+  def __call__(self, x):
+    h, kv, d = self.heads, self.kv_heads, self.dim
+    y = nn.Dense((h + 2 * kv) * d, bias_init=_BIAS, name="qkv")(x)
+    sh = x.shape[:-1]
+    if self.order == "blocks":
+      y = y.reshape(sh + (h + 2 * kv, d))
+      q, k, v = y[..., :h, :], y[..., h:h + kv, :], y[..., h + kv:, :]
+    elif self.order == "heads":
+      y = y.reshape(sh + (h, 3, d))
+      q, k, v = y[..., 0, :], y[..., 1, :], y[..., 2, :]
+    else:
+      rep = h // kv
+      y = y.reshape(sh + (kv, rep + 2, d))
+      q = y[..., :rep, :].reshape(sh + (h, d))
+      k, v = y[..., rep, :], y[..., rep + 1, :]
+    return finish(self, qk_logits(q, k), v)
+
+
+def rope(x, theta: float = 0.3):
+  """A rotary embedding over the last axis (pairs), positions on axis -3 or -2."""
+  pos = jnp.arange(L, dtype=jnp.float32)
+  half = x.shape[-1] // 2
+  ang = pos[:, None] * theta * (1.0 + jnp.arange(half, dtype=jnp.float32))
+  if x.ndim == 4:  # [B, L, H, D]
+    ang = ang[:, None, :]
+  c, s = jnp.cos(ang), jnp.sin(ang)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * c - x2 * s, x1 * s + x2 * c], axis=-1)
+
+
+class MLAAttn(nn.Module):
+  """Multi-head latent attention with decoupled RoPE (shared ``k^R``)."""
+
+  heads: int = 4
+  nope: int = 4
+  rope_dim: int = 2
+  v_dim: int = 4
+  rank: int = 6
+
+  @nn.compact
+  def __call__(self, x):
+    n, r = self.nope, self.rope_dim
+    q = nn.DenseGeneral((self.heads, n + r), use_bias=False, name="wq")(x)
+    kv_a = nn.Dense(self.rank + r, use_bias=False, name="wkv_a")(x)
+    c, k_rope = kv_a[..., :self.rank], rope(kv_a[..., self.rank:])
+    kv = nn.DenseGeneral((self.heads, n + self.v_dim), use_bias=False, name="wkv_b")(c)
+    q_nope, q_rope = q[..., :n], rope(q[..., n:])
+    k_nope, v = kv[..., :n], kv[..., n:]
+    logits = (jnp.einsum("...qhd,...khd->...hqk", q_nope, k_nope)
+              + jnp.einsum("...qhd,...kd->...hqk", q_rope, k_rope)) / math.sqrt(n + r)
+    return finish(self, logits, v)
+
+
+class HeadRMSNorm(nn.Module):
+  """RMSNorm over the head dim with a gain shared by heads or per head."""
+
+  heads: int
+  per_head: bool
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (self.heads, x.shape[-1]) if self.per_head else (x.shape[-1],)
+    scale = self.param("scale", lambda key, s: 1.0 + 0.3 * jax.random.normal(key, s), shape)
+    return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6) * scale
+
+
+class NormAttn(nn.Module):
+  """QK-norm (RMSNorm on q and k after the projection)."""
+
+  heads: int = 4
+  kv_heads: int = 4
+  dim: int = 4
+  per_head: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    dg = lambda h, name: nn.DenseGeneral((h, self.dim), name=name)
+    q, k, v = dg(self.heads, "wq")(x), dg(self.kv_heads, "wk")(x), dg(self.kv_heads, "wv")(x)
+    q = HeadRMSNorm(self.heads, self.per_head, name="q_norm")(q) * 3.0
+    k = HeadRMSNorm(self.kv_heads, self.per_head, name="k_norm")(k) * 3.0
+    return finish(self, qk_logits(q, k), v)
+
+
+class Parallel(nn.Module):
+  """Two attention layers on the same input (so both see pre-update inputs)."""
+
+  make: object
+
+  @nn.compact
+  def __call__(self, x):
+    return self.make(name="attn0")(x) + self.make(name="attn1")(x)
+
+
+def linen_case(model: nn.Module, seed: int = 0, scale: float = 2.0):
+  x = x_input(seed + 1, scale)
+  params = model.init(jax.random.key(seed), x)["params"]
+
+  def stats_fn(p):
+    return model.apply({"params": p}, x, mutable=["intermediates"])[1]["intermediates"]
+  return params, stats_fn
+
+
+def run_case(params, stats_fn, mode: str, *, kv: int | None = None, layouts=None,
+             gqa_sharing: str = "query"):
+  stats = stats_fn(params)
+  tau = pick_tau(stats)
+  new, state = clip_step(params, stats, tau, layouts=layouts, gqa_sharing=gqa_sharing)
+  before, after = stats_of(stats), stats_of(stats_fn(new))
+  assert before.keys() == after.keys() and before
+  n_hot = 0
+  for path, s in before.items():
+    want = predicted(s, tau, mode, kv)
+    np.testing.assert_allclose(after[path], want, rtol=RTOL, atol=RTOL * tau,
+                               err_msg=f"layer {path}")
+    n_hot += int(np.sum(gammas(s, tau) < 1))
+  assert 0 < n_hot and int(state.num_clipped) == n_hot
+  return new, stats, tau
+
+
+def layer_gammas(stats, path, tau):
+  return gammas(stats_of(stats)[path], tau)
+
+
+# --------------------------------------------------------------------------
+# Exactness, layout by layout (linen).
+
+
+def test_flax_linen_mha_auto():
+  class Wrap(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      a = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, bias_init=_BIAS,
+                                          attention_fn=mc.dot_product_attention, name="a")
+      b = nn.MultiHeadDotProductAttention(num_heads=4, qkv_features=16, bias_init=_BIAS,
+                                          attention_fn=mc.dot_product_attention, name="b")
+      m = causal()
+      return a(x, mask=m, sow_weights=True) + b(x, mask=m, sow_weights=True)
+
+  params, stats_fn = linen_case(Wrap())
+  new, stats, tau = run_case(params, stats_fn, "mha")
+  for layer in ("a", "b"):
+    hot = layer_gammas(stats, (layer,), tau) < 1
+    for proj in ("query", "key"):
+      check_heads(params, new, (layer, proj, "kernel"), lambda a: per_head(a, -2), hot)
+      check_heads(params, new, (layer, proj, "bias"), lambda a: per_head(a, -2), hot)
+  check_others_bitwise(params, new, {(lay, p, n) for lay in "ab" for p in ("query", "key")
+                                     for n in ("kernel", "bias")})
+
+
+def test_flax_linen_normalize_qk_auto_uses_gains():
+  class Wrap(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      mk = lambda name: mc.MaxLogitMultiHeadDotProductAttention(
+          num_heads=4, qkv_features=16, normalize_qk=True, name=name)
+      # LayerNorm output is O(1); scale the input of the logits through the gains.
+      return mk("a")(x, mask=causal()) + mk("b")(x * 0.5, mask=causal())
+
+  model = Wrap()
+  x = x_input(3)
+  params = model.init(jax.random.key(3), x)["params"]
+  # Start the gains large so logits exceed 1.
+  params = jax.tree_util.tree_map_with_path(
+      lambda p, a: a * 4.0 if _key_str(p[-1]) == "scale" else a, params)
+  stats_fn = lambda p: model.apply({"params": p}, x, mutable=["intermediates"])[1][
+      "intermediates"]
+  new, stats, tau = run_case(params, stats_fn, "shared")
+  for layer in ("a", "b"):
+    layer_hot = bool(np.any(layer_gammas(stats, (layer,), tau) < 1))
+    for ln in ("query_ln", "key_ln"):
+      check_heads(params, new, (layer, ln, "scale"), lambda a: a[None], np.array([layer_hot]))
+  check_others_bitwise(params, new, {(lay, ln, "scale") for lay in "ab"
+                                     for ln in ("query_ln", "key_ln")})
+
+
+@pytest.mark.parametrize("kv", [4, 2])
+def test_dense_2d_kernels_with_bias(kv):
+  params, stats_fn = linen_case(Parallel(lambda name: DenseAttn(4, kv, name=name)))
+  layout = mc.separate_qk("q_proj", "k_proj", num_heads=4, num_kv_heads=kv, merged_heads=True)
+  new, stats, tau = run_case(params, stats_fn, "query", layouts=layout)
+  for layer in ("attn0", "attn1"):
+    hot = layer_gammas(stats, (layer,), tau) < 1
+    check_heads(params, new, (layer, "q_proj", "kernel"), lambda a: merged(a, 4), hot)
+    check_heads(params, new, (layer, "q_proj", "bias"), lambda a: a.reshape(4, -1), hot)
+    khot = hot if kv == 4 else np.zeros(kv, bool)  # GQA "query": shared key untouched
+    check_heads(params, new, (layer, "k_proj", "kernel"), lambda a: merged(a, kv), khot)
+  check_others_bitwise(params, new, {(lay, p, n) for lay in ("attn0", "attn1")
+                                     for p in ("q_proj", "k_proj") for n in ("kernel", "bias")})
+
+
+@pytest.mark.parametrize("sharing", ["query", "group", "split"])
+def test_general_3d_gqa_sharing(sharing):
+  kv = 2
+  params, stats_fn = linen_case(Parallel(lambda name: GeneralAttn(4, kv, name=name)), seed=5)
+  layout = {"attn*": mc.separate_qk("wq", "wk")}
+  new, stats, tau = run_case(params, stats_fn, sharing, kv=kv, layouts=layout,
+                             gqa_sharing=sharing)
+  for layer in ("attn0", "attn1"):
+    g = layer_gammas(stats, (layer,), tau)
+    gm = group_min(g, kv)
+    q_hot = (gm < 1) if sharing == "group" else (g < 1)
+    k_hot = (gm[::2] < 1) if sharing in ("group", "split") else np.zeros(kv, bool)
+    for n in ("kernel", "bias"):
+      check_heads(params, new, (layer, "wq", n), lambda a: per_head(a, -2), q_hot)
+      check_heads(params, new, (layer, "wk", n), lambda a: per_head(a, -2), k_hot)
+  check_others_bitwise(params, new, {(lay, p, n) for lay in ("attn0", "attn1")
+                                     for p in ("wq", "wk") for n in ("kernel", "bias")})
+
+
+def fused_parts(order: str, kv: int, h: int = 4):
+  """Selectors of the q, k, v parts of a fused kernel/bias, heads on axis -2."""
+  rep = h // kv
+  if order == "blocks":
+    split = lambda a: a.reshape(a.shape[:-1] + (h + 2 * kv, -1))
+    return (lambda a: split(a)[..., :h, :], lambda a: split(a)[..., h:h + kv, :],
+            lambda a: split(a)[..., h + kv:, :])
+  if order == "heads":
+    split = lambda a: a.reshape(a.shape[:-1] + (h, 3, -1))
+    return (lambda a: split(a)[..., 0, :], lambda a: split(a)[..., 1, :],
+            lambda a: split(a)[..., 2, :])
+  split = lambda a: a.reshape(a.shape[:-1] + (kv, rep + 2, -1))
+  return (lambda a: split(a)[..., :rep, :].reshape(a.shape[:-1] + (h, -1)),
+          lambda a: split(a)[..., rep, :], lambda a: split(a)[..., rep + 1:, :])
+
+
+@pytest.mark.parametrize("order,kv", [("blocks", 4), ("blocks", 2), ("heads", 4),
+                                      ("groups", 2)])
+def test_fused_qkv(order, kv):
+  params, stats_fn = linen_case(Parallel(lambda name: FusedAttn(4, kv, order=order,
+                                                                name=name)), seed=7)
+  layout = mc.fused_qkv("qkv", num_heads=4, num_kv_heads=kv, order=order)
+  new, stats, tau = run_case(params, stats_fn, "query", kv=kv, layouts=layout)
+  for layer in ("attn0", "attn1"):
+    hot = layer_gammas(stats, (layer,), tau) < 1
+    for n in ("kernel", "bias"):
+      a_old = flat(params)[(layer, "qkv", n)]
+      a_new = flat(new)[(layer, "qkv", n)]
+      qs, ks, vs = fused_parts(order, kv)
+      hv = lambda a: per_head(a, -2)
+      for sel, want in ((qs, hot), (ks, hot if kv == 4 else np.zeros(kv, bool))):
+        same = np.all(hv(sel(a_old)) == hv(sel(a_new)), axis=-1)
+        np.testing.assert_array_equal(same, ~want, err_msg=f"{layer} {n}")
+      np.testing.assert_array_equal(vs(a_old), vs(a_new))
+  check_others_bitwise(params, new, {(lay, "qkv", n) for lay in ("attn0", "attn1")
+                                     for n in ("kernel", "bias")})
+
+
+def test_mla_rope_parts_and_shared_key_untouched():
+  params, stats_fn = linen_case(Parallel(lambda name: MLAAttn(name=name)), seed=11, scale=3.0)
+  layout = mc.mla("wq", "wkv_b", num_heads=4, qk_nope_head_dim=4, qk_rope_head_dim=2,
+                  v_head_dim=4)
+  new, stats, tau = run_case(params, stats_fn, "mha", layouts=layout)
+  for layer in ("attn0", "attn1"):
+    g = layer_gammas(stats, (layer,), tau)
+    hot = g < 1
+    wq_o, wq_n = flat(params)[(layer, "wq", "kernel")], flat(new)[(layer, "wq", "kernel")]
+    # q^C by sqrt(gamma), q^R by gamma, per head.
+    np.testing.assert_allclose(wq_n[..., :4], wq_o[..., :4] * np.sqrt(g)[:, None], rtol=1e-6)
+    np.testing.assert_allclose(wq_n[..., 4:], wq_o[..., 4:] * g[:, None], rtol=1e-6)
+    check_heads(params, new, (layer, "wq", "kernel"), lambda a: per_head(a, -2), hot)
+    kv_o, kv_n = flat(params)[(layer, "wkv_b", "kernel")], flat(new)[(layer, "wkv_b", "kernel")]
+    np.testing.assert_allclose(kv_n[..., :4], kv_o[..., :4] * np.sqrt(g)[:, None], rtol=1e-6)
+    np.testing.assert_array_equal(kv_n[..., 4:], kv_o[..., 4:])  # values untouched
+  # wkv_a (shared k^R and the latent) and o_proj untouched.
+  check_others_bitwise(params, new, {(lay, p, "kernel") for lay in ("attn0", "attn1")
+                                     for p in ("wq", "wkv_b")})
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+def test_qk_norm_gains(per_head):
+  kv = 2 if per_head else 4
+  params, stats_fn = linen_case(Parallel(lambda name: NormAttn(4, kv, per_head=per_head,
+                                                               name=name)), seed=13)
+  layout = mc.qk_norm("q_norm", "k_norm", num_heads=4, num_kv_heads=kv, per_head=per_head)
+  mode = "query" if per_head else "shared"
+  new, stats, tau = run_case(params, stats_fn, mode, kv=kv, layouts=layout)
+  for layer in ("attn0", "attn1"):
+    g = layer_gammas(stats, (layer,), tau)
+    if per_head:
+      check_heads(params, new, (layer, "q_norm", "scale"), lambda a: a, g < 1)
+      check_heads(params, new, (layer, "k_norm", "scale"), lambda a: a, np.zeros(kv, bool))
+    else:
+      for n in ("q_norm", "k_norm"):
+        check_heads(params, new, (layer, n, "scale"), lambda a: a[None], np.array([np.any(g < 1)]))
+  # Kernels are not scaled (the norm would cancel it).
+  check_others_bitwise(params, new, {(lay, n, "scale") for lay in ("attn0", "attn1")
+                                     for n in ("q_norm", "k_norm")})
+
+
+class ScanBlock(nn.Module):
+  make: object
+
+  @nn.compact
+  def __call__(self, x, _):
+    return x, self.make(name="attn")(x)  # every layer sees the same (pre-update) input
+
+
+class Scanned(nn.Module):
+  make: object
+  layers: int = 3
+
+  @nn.compact
+  def __call__(self, x):
+    stack = nn.scan(ScanBlock, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True}, length=self.layers)
+    _, ys = stack(self.make, name="stack")(x, None)
+    return ys.sum(0)
+
+
+def test_scanned_flax_attention_auto():
+  make = lambda name: mc.MaxLogitMultiHeadDotProductAttention(
+      num_heads=4, qkv_features=16, bias_init=_BIAS, name=name)
+  params, stats_fn = linen_case(Scanned(make), seed=17)
+  assert stats_of(stats_fn(params))[("stack", "attn")].shape == (3, 4)
+  new, stats, tau = run_case(params, stats_fn, "mha")
+  hot = layer_gammas(stats, ("stack", "attn"), tau) < 1
+  assert hot.any(axis=1).sum() >= 1 and (~hot).any()
+  for proj in ("query", "key"):
+    check_heads(params, new, ("stack", "attn", proj, "kernel"),
+                lambda a: per_head(a, -2, n_lead=1), hot)
+  check_others_bitwise(params, new, {("stack", "attn", p, n) for p in ("query", "key")
+                                     for n in ("kernel", "bias")})
+
+
+def test_scanned_fused_gqa_layout():
+  make = lambda name: FusedAttn(4, 2, order="blocks", name=name)
+  params, stats_fn = linen_case(Scanned(make), seed=19)
+  layout = {"stack/attn": mc.fused_qkv("qkv", num_heads=4, num_kv_heads=2)}
+  new, stats, tau = run_case(params, stats_fn, "split", kv=2, layouts=layout,
+                             gqa_sharing="split")
+  old_k = flat(params)[("stack", "attn", "qkv", "kernel")].reshape(3, E, 8, -1)[:, :, 4:6]
+  new_k = flat(new)[("stack", "attn", "qkv", "kernel")].reshape(3, E, 8, -1)[:, :, 4:6]
+  g = layer_gammas(stats, ("stack", "attn"), tau)
+  k_hot = group_min(g, 2)[:, ::2] < 1
+  same = np.all(np.moveaxis(old_k, 2, 1) == np.moveaxis(new_k, 2, 1), axis=(-1, -2))
+  np.testing.assert_array_equal(same, ~k_hot)
+
+
+# --------------------------------------------------------------------------
+# Exactness (NNX).
+
+
+class NNXParallel(nnx.Module):
+  def __init__(self, kv: int, normalize_qk: bool = False, *, rngs: nnx.Rngs):
+    mk = lambda: mc.MaxLogitMultiHeadAttention(
+        4, E, qkv_features=16, num_kv_heads=kv, decode=False, normalize_qk=normalize_qk,
+        bias_init=nnx.initializers.normal(0.5), rngs=rngs)
+    self.layers = nnx.List([mk(), mk()])
+
+  def __call__(self, x):
+    return sum(layer(x, mask=causal()) for layer in self.layers)
+
+
+def nnx_case(kv: int, normalize_qk: bool = False, seed: int = 0):
+  model = NNXParallel(kv, normalize_qk, rngs=nnx.Rngs(seed))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.as_pure(params)
+  x = x_input(seed + 1)
+  if normalize_qk:
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, a: a * 4.0 if "scale" in [_key_str(k) for k in p] else a, params)
+
+  def stats_fn(p):
+    m = nnx.merge(graphdef, p)
+    return nnx.capture(m, nnx.Intermediate)(x)[1]
+  return params, stats_fn
+
+
+@pytest.mark.parametrize("kv,sharing", [(4, "query"), (2, "query"), (2, "group"),
+                                        (1, "split")])
+def test_nnx_attention_auto(kv, sharing):
+  params, stats_fn = nnx_case(kv, seed=23)
+  mode = "mha" if kv == 4 else sharing
+  new, stats, tau = run_case(params, stats_fn, mode, kv=kv, gqa_sharing=sharing)
+  for i in ("0", "1"):
+    g = layer_gammas(stats, ("layers", i), tau)
+    gm = group_min(g, kv)
+    q_hot = (gm < 1) if (sharing == "group" and kv < 4) else (g < 1)
+    if kv == 4:
+      k_hot = g < 1
+    elif sharing == "query":
+      k_hot = np.zeros(kv, bool)
+    else:
+      k_hot = gm[::4 // kv] < 1
+    check_heads(params, new, ("layers", i, "query", "kernel"), lambda a: per_head(a, -2), q_hot)
+    check_heads(params, new, ("layers", i, "key", "kernel"), lambda a: per_head(a, -2), k_hot)
+  check_others_bitwise(params, new, {("layers", i, p, n) for i in ("0", "1")
+                                     for p in ("query", "key") for n in ("kernel", "bias")})
+
+
+def test_nnx_normalize_qk_auto():
+  params, stats_fn = nnx_case(4, normalize_qk=True, seed=29)
+  new, stats, tau = run_case(params, stats_fn, "shared")
+  check_others_bitwise(params, new, {("layers", i, n, "scale") for i in ("0", "1")
+                                     for n in ("query_ln", "key_ln")})
+
+
+# --------------------------------------------------------------------------
+# Transform-level properties.
+
+
+def simple_params(seed: int = 0, heads: int = 4):
+  rng = np.random.default_rng(seed)
+  mk = lambda *s: jnp.asarray(rng.standard_normal(s), jnp.float32)
+  attn = {n: {"kernel": mk(E, heads, 4), "bias": mk(heads, 4)} for n in ("query", "key", "value")}
+  attn["out"] = {"kernel": mk(heads, 4, E), "bias": mk(E)}
+  return {"attn": attn, "mlp": {"kernel": mk(E, E)}}
+
+
+def sgd_clip(tau, **kw):
+  return optax.chain(optax.sgd(0.1), mc.qk_clip(tau, **kw))
+
+
+def test_update_formula_and_passthrough_bitwise():
+  params = simple_params()
+  grads = jax.tree.map(lambda p: jnp.sin(p), params)
+  s = jnp.array([5.0, 0.5, 2.0, 1.0])
+  tx = sgd_clip(1.0)
+  upd, state = tx.update(grads, tx.init(params), params,
+                         max_logits={"intermediates": {"attn": {"max_logits": s}}})
+  plain, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params), params)
+  new = optax.apply_updates(params, upd)
+  f = np.sqrt(np.minimum(1.0, 1.0 / np.asarray(s)))
+  for n in ("query", "key"):
+    post = np.asarray(params["attn"][n]["kernel"] + plain["attn"][n]["kernel"])
+    np.testing.assert_allclose(new["attn"][n]["kernel"], post * f[:, None], rtol=1e-6)
+    # heads at or below tau: the optimizer's update, bit for bit
+    for h in (1, 3):
+      np.testing.assert_array_equal(upd["attn"][n]["kernel"][:, h],
+                                    plain["attn"][n]["kernel"][:, h])
+  for path in (("attn", "value", "kernel"), ("attn", "out", "kernel"), ("mlp", "kernel")):
+    a, b = upd, plain
+    for k in path:
+      a, b = a[k], b[k]
+    np.testing.assert_array_equal(a, b)
+  st = state[-1]
+  assert int(st.num_clipped) == 2 and int(st.num_skipped) == 0
+  np.testing.assert_array_equal(st.max_logits["attn"], s)
+
+
+def test_tau_exactly_at_bound_is_untouched():
+  params = simple_params()
+  grads = jax.tree.map(jnp.zeros_like, params)
+  tx = sgd_clip(2.0)
+  upd, state = tx.update(grads, tx.init(params), params,
+                         max_logits={"attn": {"max_logits": jnp.full((4,), 2.0)}})
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(upd))
+  assert int(state[-1].num_clipped) == 0
+
+
+def test_inject_hyperparams_tau():
+  params = simple_params()
+  grads = jax.tree.map(jnp.zeros_like, params)
+  stats = {"attn": {"max_logits": jnp.array([4.0, 3.0, 2.0, 1.0])}}
+  tx = optax.inject_hyperparams(mc.qk_clip)(tau=3.5)
+  state = tx.init(params)
+  step = jax.jit(tx.update)
+  upd, state = step(grads, state, params, max_logits=stats)
+  assert int(state.inner_state.num_clipped) == 1
+  state.hyperparams["tau"] = jnp.asarray(1.5)
+  upd, state = step(grads, state, params, max_logits=stats)
+  assert int(state.inner_state.num_clipped) == 3
+  g = np.array([1.5 / 4, 1.5 / 3, 1.5 / 2, 1])
+  new = optax.apply_updates(params, upd)
+  np.testing.assert_allclose(new["attn"]["query"]["kernel"],
+                             params["attn"]["query"]["kernel"] * np.sqrt(g)[:, None], rtol=1e-6)
+  # A traced tau <= 0 never scales weights.
+  state.hyperparams["tau"] = jnp.asarray(-1.0)
+  upd, state = step(grads, state, params, max_logits=stats)
+  assert int(state.inner_state.num_clipped) == 0
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(upd))
+
+
+# --------------------------------------------------------------------------
+# Bad input.
+
+
+@pytest.mark.parametrize("tau", [0.0, -1.0])
+def test_nonpositive_tau_raises(tau):
+  with pytest.raises(ValueError, match="tau must be positive"):
+    mc.qk_clip(tau)
+  with pytest.raises(ValueError, match="tau must be positive"):
+    mc.muonclip(1e-3, tau=tau)
+
+
+def test_bad_options_raise():
+  with pytest.raises(ValueError, match="gqa_sharing"):
+    mc.qk_clip(1.0, gqa_sharing="keys")
+  with pytest.raises(ValueError, match="gqa_alpha"):
+    mc.qk_clip(1.0, gqa_alpha=1.5)
+
+
+def _update(tx, params, stats):
+  grads = jax.tree.map(jnp.zeros_like, params)
+  return jax.jit(tx.update)(grads, tx.init(params), params, max_logits=stats)
+
+
+def test_wrong_stats_shape_names_path():
+  params = simple_params()
+  with pytest.raises(ValueError, match=r"'attn' have shape \(3,\), expected \(4,\)"):
+    _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones(3)}})
+  with pytest.raises(ValueError, match=r"'attn' have shape \(2, 4\)"):
+    _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones((2, 4))}})
+
+
+def test_stats_without_params_names_path():
+  params = simple_params()
+  stats = {"attn": {"max_logits": jnp.ones(4)}, "mlp": {"max_logits": jnp.ones(4)}}
+  with pytest.raises(ValueError, match="statistics at 'mlp' have no matching attention"):
+    _update(sgd_clip(1.0), params, stats)
+  with pytest.raises(ValueError, match="statistics at 'decoder/attn' have no matching"):
+    _update(sgd_clip(1.0), params, {"decoder": {"attn": {"max_logits": jnp.ones(4)}},
+                                    "attn": {"max_logits": jnp.ones(4)}})
+
+
+def test_layout_matching_nothing_names_pattern():
+  params = simple_params()
+  with pytest.raises(ValueError, match="pattern 'blocks/\\*' matches nothing"):
+    sgd_clip(1.0, layouts={"blocks/*": mc.separate_qk("q_proj", "k_proj")}).init(params)
+  with pytest.raises(ValueError, match="matches nothing"):
+    sgd_clip(1.0, layouts=mc.fused_qkv("qkv", num_heads=4)).init(params)
+
+
+def test_layout_shape_mismatch_names_param():
+  params = simple_params()
+  bad = mc.separate_qk("query", "key", num_heads=3, merged_heads=True)
+  with pytest.raises(ValueError, match="attn/query/kernel"):
+    sgd_clip(1.0, layouts=bad).init(params)
+
+
+def test_missing_max_logits_raises():
+  params = simple_params()
+  tx = sgd_clip(1.0)
+  grads = jax.tree.map(jnp.zeros_like, params)
+  with pytest.raises(ValueError, match="needs this step's attention statistics"):
+    tx.update(grads, tx.init(params), params)
+
+
+def test_strict_missing_layer_and_opt_out():
+  params = simple_params()
+  params["attn2"] = simple_params(1)["attn"]
+  stats = {"attn": {"max_logits": jnp.full((4,), 9.0)}}
+  with pytest.raises(ValueError, match=r"no max_logits for attention layers \['attn2'\]"):
+    _update(sgd_clip(1.0), params, stats)
+  upd, _ = _update(sgd_clip(1.0, strict=False), params, stats)
+  new = optax.apply_updates(params, upd)
+  assert not np.array_equal(new["attn"]["query"]["kernel"], params["attn"]["query"]["kernel"])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf, -3.0, 0.0])
+def test_bad_statistics_never_scale_and_are_counted(bad):
+  params = simple_params()
+  grads = jax.tree.map(lambda p: 0.1 * jnp.cos(p), params)
+  s = jnp.array([bad, 10.0, bad, 0.5])
+  tx = sgd_clip(1.0)
+  upd, state = jax.jit(tx.update)(grads, tx.init(params), params,
+                                  max_logits={"attn": {"max_logits": s}})
+  plain, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params), params)
+  for n in ("query", "key"):
+    for h in (0, 2, 3):
+      np.testing.assert_array_equal(upd["attn"][n]["kernel"][:, h],
+                                    plain["attn"][n]["kernel"][:, h])
+    assert not np.array_equal(upd["attn"][n]["kernel"][:, 1], plain["attn"][n]["kernel"][:, 1])
+  assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(upd))
+  st = state[-1]
+  assert int(st.num_skipped) == 2 and int(st.skipped_total) == 2 and int(st.num_clipped) == 1
