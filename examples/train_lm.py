@@ -1,0 +1,166 @@
+"""Train a small byte-level transformer with MuonClip, Muon or AdamW.
+
+The default run trains a 4-layer, d_model 128 decoder (RoPE, Flax NNX) on text
+gathered from the Python standard library of this machine (no download) and
+writes, under ``--out`` (default ``runs/train_lm``):
+
+* ``metrics.json`` and ``metrics.csv``: per-step loss, learning rate, per-layer
+  (and, in the JSON, per-head) max pre-softmax logit; validation loss;
+* ``loss.png`` and ``max_logit.png``.
+
+Examples::
+
+  python examples/train_lm.py                                   # MuonClip, tau=100
+  python examples/train_lm.py --optimizer adamw --lr 3e-3
+  python examples/train_lm.py --tau 20 --lr 0.02 --steps 600    # watch QK-Clip act
+  python examples/train_lm.py --kv-heads 2                      # GQA
+  python examples/train_lm.py --mesh 4x2 --batch 16             # 8 host devices
+  python examples/train_lm.py --ckpt-dir /tmp/ck --steps 100    # then:
+  python examples/train_lm.py --ckpt-dir /tmp/ck --steps 200 --resume
+  python examples/train_lm.py --text my_corpus.txt
+
+``--mesh DATAxMODEL`` asks XLA for that many host devices (it must be set
+before jax starts, which this script does) and shards the batch over ``data``
+and the matrices FSDP-style; Muon's Newton–Schulz then runs device-locally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def parse_mesh(spec: str | None) -> tuple[int, int] | None:
+  """``"4x2"`` -> ``(4, 2)`` (data, model); ``"4"`` -> ``(4, 1)``; empty -> ``None``."""
+  if not spec:
+    return None
+  parts = spec.lower().split("x")
+  if len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    raise argparse.ArgumentTypeError(f"expected DATAxMODEL such as 4x2, got {spec!r}")
+  return int(parts[0]), int(parts[1]) if len(parts) == 2 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+  """The command-line interface."""
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
+  p.add_argument("--tau", type=float, default=100.0, help="QK-Clip threshold (muonclip)")
+  p.add_argument("--lr", type=float, default=None,
+                 help="peak learning rate (default 0.01 for Muon/MuonClip, 3e-3 for AdamW)")
+  p.add_argument("--adam-lr", type=float, default=None,
+                 help="learning rate of Muon's AdamW branch (default: --lr)")
+  p.add_argument("--weight-decay", type=float, default=0.1)
+  p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+  p.add_argument("--warmup", type=int, default=20)
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--seq-len", type=int, default=128)
+  p.add_argument("--d-model", type=int, default=128)
+  p.add_argument("--layers", type=int, default=4)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); "
+                 "default: --heads")
+  p.add_argument("--text", type=str, default=None,
+                 help="train on this file instead of the standard-library corpus")
+  p.add_argument("--max-bytes", type=int, default=1 << 20, help="corpus size cap")
+  p.add_argument("--eval-every", type=int, default=50)
+  p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--mesh", type=parse_mesh, default=None,
+                 help="DATAxMODEL device mesh, e.g. 4x2 (host devices on CPU)")
+  p.add_argument("--ckpt-dir", type=str, default=None, help="save checkpoints here")
+  p.add_argument("--ckpt-every", type=int, default=100)
+  p.add_argument("--resume", action="store_true",
+                 help="continue from the latest checkpoint in --ckpt-dir")
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--out", type=str, default="runs/train_lm")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Runs the example; returns a summary (final losses, max logit, paths, seconds)."""
+  args = build_parser().parse_args(argv)
+  if args.resume and not args.ckpt_dir:
+    raise SystemExit("--resume needs --ckpt-dir")
+  if args.mesh is not None and "jax" not in sys.modules:
+    # XLA reads the flag once, when jax starts; a mesh of host devices needs it first.
+    n = args.mesh[0] * args.mesh[1]
+    flag = "--xla_force_host_platform_device_count"
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"{flag}={n}"])
+
+  sys.path.insert(0, str(Path(__file__).resolve().parent))
+  import jax
+  import lm
+  from tqdm.auto import tqdm
+
+  lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.01)
+  cfg = lm.RunConfig(
+      model=lm.ModelConfig(d_model=args.d_model, num_layers=args.layers,
+                           num_heads=args.heads, num_kv_heads=args.kv_heads),
+      optim=lm.OptimConfig(name=args.optimizer, lr=lr, adam_lr=args.adam_lr, tau=args.tau,
+                           weight_decay=args.weight_decay, warmup=args.warmup,
+                           schedule=args.schedule, total_steps=args.steps),
+      steps=args.steps, batch=args.batch, seq_len=args.seq_len, seed=args.seed,
+      eval_every=args.eval_every, eval_batches=args.eval_batches, mesh=args.mesh)
+  data = lm.ByteData(lm.load_text(args.text, args.max_bytes), args.seq_len)
+  t0 = time.perf_counter()
+  trainer = lm.Trainer(cfg, data)
+  n_params = lm.count_params(trainer.params)
+  print(f"{args.optimizer}: {n_params:,} parameters, {len(data.train):,} training bytes, "
+        f"{len(data.val):,} validation bytes, {len(jax.devices())} device(s)"
+        + (f", mesh {args.mesh[0]}x{args.mesh[1]}" if args.mesh else ""), flush=True)
+
+  ckpt = None
+  if args.ckpt_dir:
+    ckpt = lm.Checkpointer(args.ckpt_dir)
+    if args.resume:
+      step = ckpt.restore_latest(trainer)
+      print(f"resumed from step {step}" if step is not None else
+            f"no checkpoint in {args.ckpt_dir}; starting from scratch", flush=True)
+
+  def on_step(tr: lm.Trainer) -> None:
+    if ckpt is not None and (tr.step % args.ckpt_every == 0 or tr.step == args.steps):
+      ckpt.save(tr)
+
+  bar = tqdm(total=args.steps, initial=trainer.step, disable=args.no_progress,
+             desc=args.optimizer, unit="step")
+  try:
+    trainer.run(progress=bar, on_step=on_step)
+  finally:
+    bar.close()
+    if ckpt is not None:
+      ckpt.close()
+  seconds = time.perf_counter() - t0
+
+  m = trainer.metrics
+  summary = {
+      "optimizer": args.optimizer,
+      "steps": trainer.step,
+      "final_train_loss": m["loss"][-1] if m["loss"] else None,
+      "final_val_loss": m["val_loss"][-1] if m["val_loss"] else None,
+      "max_logit": max(max(x) for x in m["max_logit"]) if m["max_logit"] else None,
+      "final_max_logit": max(m["max_logit"][-1]) if m["max_logit"] else None,
+      "params": n_params,
+      "seconds": seconds,
+  }
+  if lm.uses_max_logits(args.optimizer):
+    summary["clipped_heads_total"] = lm.clip_telemetry(trainer.opt_state).get("clipped_total")
+  json_path, csv_path = lm.save_metrics(m, cfg, args.out, extra={"summary": summary})
+  title = f"{args.optimizer}" + (f" (tau={args.tau:g})" if args.optimizer == "muonclip" else "")
+  plots = lm.plot_run(m, args.out, title=title,
+                      tau=args.tau if args.optimizer == "muonclip" else None)
+  summary["files"] = [str(p) for p in (json_path, csv_path, *plots)]
+  print(json.dumps(summary, indent=1), flush=True)
+  return summary
+
+
+if __name__ == "__main__":
+  main()
