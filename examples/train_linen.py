@@ -1,0 +1,134 @@
+"""The MuonClip training step with Flax linen.
+
+A small byte-level transformer built from ``flax.linen.MultiHeadDotProductAttention``
+with ``attention_fn=muonclip_jax.dot_product_attention``. Calling the layer with
+``sow_weights=True`` makes it sow each head's max pre-softmax logit into the
+``'intermediates'`` collection; the step collects it with
+``mutable=['intermediates']`` and hands it to the optimiser::
+
+  (loss, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+  updates, opt_state = tx.update(grads, opt_state, params, max_logits=inter)
+  params = optax.apply_updates(params, updates)
+
+QK-Clip finds the ``query``/``key`` kernels next to each sown statistic by
+name. Data: the standard-library corpus of ``examples/lm.py``.
+
+Run: ``python examples/train_linen.py --steps 100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lm  # noqa: E402  (the shared data pipeline; also puts muonclip_jax on the path)
+
+import muonclip_jax  # noqa: E402
+
+
+class Block(nn.Module):
+  """Pre-norm block: LayerNorm, max-logit-sowing attention, LayerNorm, MLP."""
+
+  d_model: int
+  num_heads: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    mask = nn.make_causal_mask(jnp.ones(x.shape[:2], jnp.int32))
+    h = nn.LayerNorm(name="attn_norm")(x)
+    x = x + nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, attention_fn=muonclip_jax.dot_product_attention,
+        use_bias=False, name="attn")(h, mask=mask, sow_weights=True)
+    h = nn.LayerNorm(name="mlp_norm")(x)
+    h = nn.Dense(4 * self.d_model, use_bias=False, name="fc_in")(h)
+    return x + nn.Dense(self.d_model, use_bias=False, name="fc_out")(nn.gelu(h))
+
+
+class LinenLM(nn.Module):
+  """Byte-level decoder: ``embed``, learned ``pos_embed``, blocks, ``final_norm``, ``lm_head``."""
+
+  d_model: int = 64
+  num_layers: int = 2
+  num_heads: int = 4
+  seq_len: int = 64
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array) -> jax.Array:
+    x = nn.Embed(256, self.d_model, name="embed")(tokens)
+    x = x + self.param("pos_embed", nn.initializers.normal(0.02), (self.seq_len, self.d_model))
+    for i in range(self.num_layers):
+      x = Block(self.d_model, self.num_heads, name=f"block{i}")(x)
+    x = nn.LayerNorm(name="final_norm")(x)
+    return nn.Dense(256, use_bias=False, name="lm_head")(x)
+
+
+def make_train_step(model: LinenLM, tx: optax.GradientTransformation, clip: bool
+                    ) -> Any:
+  """The jitted step ``(params, opt_state, x, y) -> (params, opt_state, loss, max_logit)``."""
+
+  def loss_fn(params, x, y):
+    logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+    return loss, state["intermediates"]
+
+  @jax.jit
+  def train_step(params, opt_state, x, y):
+    (loss, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
+    extra = {"max_logits": inter} if clip else {}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    max_logit = jnp.max(jnp.stack([jnp.max(v) for v in jax.tree.leaves(inter)]))
+    return params, opt_state, loss, max_logit
+
+  return train_step
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+  """Trains for ``--steps``; returns first/last loss and the last max logit."""
+  p = argparse.ArgumentParser(description="MuonClip with Flax linen.")
+  p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
+  p.add_argument("--steps", type=int, default=100)
+  p.add_argument("--lr", type=float, default=0.01)
+  p.add_argument("--tau", type=float, default=100.0)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--seq-len", type=int, default=64)
+  p.add_argument("--seed", type=int, default=0)
+  args = p.parse_args(argv)
+
+  data = lm.ByteData(lm.default_corpus(), args.seq_len)
+  model = LinenLM(seq_len=args.seq_len)
+  x0, _ = data.train_batch(args.seed, 0, args.batch)
+  params = model.init(jax.random.key(args.seed), jnp.asarray(x0))["params"]
+  if args.optimizer == "muonclip":
+    tx = muonclip_jax.muonclip(args.lr, tau=args.tau)
+  elif args.optimizer == "muon":
+    tx = muonclip_jax.muon(args.lr)
+  else:
+    tx = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.1)
+  opt_state = tx.init(params)
+  step = make_train_step(model, tx, clip=args.optimizer == "muonclip")
+  losses, max_logit = [], float("nan")
+  for i in range(args.steps):
+    x, y = data.train_batch(args.seed, i, args.batch)
+    params, opt_state, loss, ml = step(params, opt_state, jnp.asarray(x), jnp.asarray(y))
+    losses.append(float(loss))
+    max_logit = float(ml)
+    if i % max(1, args.steps // 10) == 0 or i == args.steps - 1:
+      print(f"step {i:4d}  loss {losses[-1]:.3f}  max logit {max_logit:.2f}", flush=True)
+  return {"first_loss": losses[0] if losses else None,
+          "last_loss": float(np.mean(losses[-5:])) if losses else None,
+          "max_logit": max_logit}
+
+
+if __name__ == "__main__":
+  main()
