@@ -283,6 +283,7 @@ def dot_product_attention(
   return out.reshape(batch + (q_len, q_heads, value.shape[-1]))
 
 
+@functools.partial(jax.jit, static_argnames=("is_causal", "block_size", "scale", "precision"))
 def max_logits_blockwise(
     query: Array,
     key: Array,
