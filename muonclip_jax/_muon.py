@@ -187,6 +187,8 @@ def scale_by_muon(
 
   def init_fn(params):
     plan_leaves(params, dims_fn)  # Fail early, naming the path, on bad shapes.
+    if mesh is not None:
+      orthogonalize_fn.record(params)  # Output shardings for AxisType.Auto meshes.
     return ScaleByMuonState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
   def update_fn(updates, state, params=None):
@@ -204,6 +206,8 @@ def scale_by_muon(
     new_mu = jax.tree.unflatten(treedef, [m for m, _ in stepped])
     return jax.tree.unflatten(treedef, out), ScaleByMuonState(mu=new_mu)
 
+  if mesh is not None:
+    update_fn = orthogonalize_fn.wrap_update(update_fn, dims_fn)  # Outputs in params' sharding.
   return optax.GradientTransformation(init_fn, update_fn)
 
 
