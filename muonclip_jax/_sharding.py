@@ -216,9 +216,13 @@ def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
 
   arrays: list[ArrayPlan] = []
   pooled: dict[tuple[Any, ...], list[int]] = {}
+  transpose: dict[int, bool] = {}
   for i, ((batch, fi, fo), dt, sp) in enumerate(zip(shapes, dtypes, specs, strict=True)):
     sp = REPLICATED if sp is None else sp
-    tall = fi > fo
+    # Tall matrices enter transposed; so do square ones sharded by rows only, so
+    # that they share an operand with column-sharded ones (NS(X^T) = NS(X)^T).
+    tall = fi > fo or (fi == fo and bool(sp[1]) and not sp[2])
+    transpose[i] = tall
     wide_spec = (sp[0], sp[2], sp[1]) if tall else sp
     rows, cols = min(fi, fo), max(fi, fo)
     b = wide_spec[0]
@@ -266,7 +270,7 @@ def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
     for x in per_device:
       cells += x + [None] * (slots - len(x))
     arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), spec, order, members,
-                            tuple(shapes[i][1] > shapes[i][2] for i in members),
+                            tuple(transpose[i] for i in members),
                             tuple(cells), slots, tuple(len(x) for x in per_device), flops))
 
   per_device = [tuple(a.counts[numbering[a.order][p]] for a in arrays) for p in range(n)]
@@ -589,8 +593,9 @@ def muon_sharding_summary(params: Any, mesh: Mesh, dimension_numbers: Any = None
   for i, (path, shape, spec) in enumerate(idx):
     a = plan.arrays[of[i]]
     b_, fi, fo = shapes[i]
+    mark = " (T)" if a.transposed[a.members.index(i)] else ""
     lines.append([path, "x".join(map(str, shape)), str(spec) if spec is not None else "?",
-                  f"{b_} x {fi}x{fo}" + (" (T)" if fi > fo else ""), str(of[i]),
+                  f"{b_} x {fi}x{fo}{mark}", str(of[i]),
                   _describe(a, orth.axes, known[i]),
                   f"{sum(1 for k in a.counts if k)}/{orth.n}", str(a.padding)])
   for path, shape, spec in rows_adam:
