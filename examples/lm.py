@@ -272,15 +272,15 @@ def init_model(cfg: ModelConfig, seed: int) -> tuple[nnx.GraphDef, dict[str, Any
   """The model's graph definition and its parameters as a plain nested dict."""
   model = Transformer(cfg, rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(model, nnx.Param)
-  return graphdef, params.to_pure_dict()
+  return graphdef, nnx.to_pure_dict(params)
 
 
 def apply_model(graphdef: nnx.GraphDef, params: dict[str, Any], tokens: jax.Array
                 ) -> tuple[jax.Array, dict[str, Any]]:
   """Logits ``[batch, seq, vocab]`` and the sown statistics (a plain dict)."""
-  model = nnx.merge(graphdef, nnx.State(params))
+  model = nnx.merge(graphdef, params)
   logits, stats = nnx.capture(model, nnx.Intermediate)(tokens)
-  return logits, stats.to_pure_dict()
+  return logits, nnx.to_pure_dict(stats)
 
 
 def head_max_logits(stats: dict[str, Any], num_layers: int) -> jax.Array:

@@ -1,0 +1,243 @@
+"""End-to-end checks of examples/: the NNX training library, the CLI and the linen example.
+
+Tiny settings throughout (d_model 32, one or two layers, 16-byte sequences).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import lm  # noqa: E402
+import train_linen  # noqa: E402
+import train_lm  # noqa: E402
+
+import muonclip_jax  # noqa: E402
+
+TINY = lm.ModelConfig(d_model=32, num_layers=2, num_heads=4)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def data() -> lm.ByteData:
+  return lm.ByteData(lm.default_corpus(1 << 16), seq_len=16)
+
+
+def tiny_run(name: str, *, tau: float = 100.0, lr: float = 0.01, weight_decay: float = 0.1,
+             steps: int = 6, model: lm.ModelConfig = TINY,
+             mesh: tuple[int, int] | None = None, seed: int = 0) -> lm.RunConfig:
+  optim = lm.OptimConfig(name=name, lr=lr, tau=tau, weight_decay=weight_decay, warmup=2,
+                         total_steps=steps)
+  return lm.RunConfig(
+      model=model, optim=optim,
+      steps=steps, batch=4, seq_len=16, seed=seed, eval_every=3, eval_batches=2, mesh=mesh)
+
+
+def test_default_corpus_is_deterministic_and_split(data: lm.ByteData) -> None:
+  a = lm.default_corpus(1 << 16)
+  assert a == lm.default_corpus(1 << 16)
+  assert len(a) == 1 << 16 and a.startswith(b"# file: ")
+  assert len(data.train) + len(data.val) == len(a)
+  assert data.val.tobytes() == a[len(data.train):]
+  x1, y1 = data.train_batch(3, 7, 4)
+  x2, y2 = data.train_batch(3, 7, 4)
+  np.testing.assert_array_equal(x1, x2)
+  np.testing.assert_array_equal(x1[:, 1:], y1[:, :-1])  # targets are shifted inputs
+  assert not np.array_equal(x1, data.train_batch(3, 8, 4)[0])
+  assert x1.shape == (4, 16) and x1.dtype == np.int32
+
+
+def test_text_file_and_too_short(tmp_path: Path) -> None:
+  f = tmp_path / "t.txt"
+  f.write_bytes(b"hello world " * 100)
+  assert lm.load_text(f) == b"hello world " * 100
+  with pytest.raises(ValueError, match="validation split"):
+    lm.ByteData(b"abc" * 10, seq_len=16)
+
+
+def test_routing_puts_embedding_and_head_on_adamw() -> None:
+  _, params = lm.init_model(TINY, 0)
+  labels = muonclip_jax.default_param_labels(params)
+  assert labels["embed"]["embedding"] == "adamw"
+  assert labels["lm_head"]["kernel"] == "adamw"
+  assert labels["final_norm"]["scale"] == "adamw"
+  block = labels["blocks"][0]
+  assert block["attn_norm"]["scale"] == block["mlp_norm"]["scale"] == "adamw"
+  for name in ("query", "key", "value", "out"):
+    assert block["attn"][name]["kernel"] == "muon"
+  assert block["fc_in"]["kernel"] == block["fc_out"]["kernel"] == "muon"
+
+
+@pytest.mark.parametrize("name", ["muonclip", "muon", "adamw"])
+def test_training_lowers_loss_and_compiles_once(name: str, data: lm.ByteData) -> None:
+  trainer = lm.Trainer(tiny_run(name, steps=12), data)
+  m = trainer.run()
+  assert m["val_step"] == [0, 3, 6, 9, 12]
+  assert len(m["loss"]) == 12 and np.all(np.isfinite(m["loss"]))
+  assert np.asarray(m["head_max_logit"]).shape == (12, 2, 4)
+  assert m["val_loss"][-1] < m["val_loss"][0] - 0.5  # ~5.6 nats at init
+  assert trainer._train_step._cache_size() == 1  # fixed shapes: one compilation
+
+
+def _post_step_logits(trainer: lm.Trainer, step: int) -> np.ndarray:
+  x, _ = trainer.batch(step)
+  _, stats = lm.apply_model(trainer.graphdef, trainer.params, x)
+  return np.asarray(lm.head_max_logits(stats, trainer.cfg.model.num_layers))
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_qk_clip_finds_every_head_of_the_model(kv_heads: int | None,
+                                               data: lm.ByteData) -> None:
+  """With a zero update, a MuonClip step turns each head's max logit into min(S, tau).
+
+  Learning rate and weight decay 0 isolate QK-Clip. For each layer, the
+  original parameters with that layer's new query/key kernels give, on the same
+  batch, ``tau`` in every head that exceeded it and the old value elsewhere;
+  this holds only if QK-Clip found every layer's kernels (MHA, GQA, MQA).
+  """
+  model = lm.ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads)
+  probe = lm.Trainer(tiny_run("muon", model=model), data)
+  tau = float(np.median(_post_step_logits(probe, 0)))  # half the heads exceed tau
+  trainer = lm.Trainer(tiny_run("muonclip", tau=tau, lr=0.0, weight_decay=0.0, model=model),
+                       data)
+  old = jax.tree.map(np.array, trainer.params)
+  _, before = trainer.train_step()
+  clipped = before > tau
+  assert clipped.any() and not clipped.all()
+  x, _ = trainer.batch(0)
+  for layer in range(model.num_layers):
+    hybrid = jax.tree.map(np.array, old)
+    for name in ("query", "key"):
+      hybrid["blocks"][layer]["attn"][name] = jax.tree.map(
+          np.array, trainer.params["blocks"][layer]["attn"][name])
+    _, stats = lm.apply_model(trainer.graphdef, hybrid, x)
+    after = np.asarray(stats["blocks"][layer]["attn"]["max_logits"])
+    np.testing.assert_allclose(after, np.minimum(before[layer], tau), rtol=1e-4)
+  info = lm.clip_telemetry(trainer.opt_state)
+  assert info["num_clipped"] == int(clipped.sum())
+  key_shape = trainer.params["blocks"][0]["attn"]["key"]["kernel"].shape
+  assert key_shape == (32, model.kv_heads, 8)
+
+
+def test_plain_muon_does_not_clip(data: lm.ByteData) -> None:
+  trainer = lm.Trainer(tiny_run("muon"), data)
+  _, before = trainer.train_step()
+  assert before.max() > 1.0
+  assert lm.clip_telemetry(trainer.opt_state) == {}
+
+
+def test_resume_is_exact(tmp_path: Path, data: lm.ByteData) -> None:
+  cfg = tiny_run("muonclip", tau=2.0, steps=6)
+  full = lm.Trainer(cfg, data)
+  full.run()
+  first = lm.Trainer(cfg, data)
+  first.run(steps=3)
+  ckpt = lm.Checkpointer(tmp_path / "ck")
+  ckpt.save(first)
+  ckpt.close()
+  resumed = lm.Trainer(cfg, data)
+  ckpt = lm.Checkpointer(tmp_path / "ck")
+  assert ckpt.restore_latest(resumed) == 3
+  ckpt.close()
+  assert resumed.step == 3 and resumed.metrics["loss"] == first.metrics["loss"]
+  resumed.run()
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert resumed.metrics["loss"] == full.metrics["loss"]
+
+
+def test_mesh_run_matches_single_device(data: lm.ByteData) -> None:
+  if len(jax.devices()) < 4:
+    pytest.skip("needs 4 host devices (tests/conftest.py sets 8)")
+  single = lm.Trainer(tiny_run("muonclip", tau=2.0, steps=4), data)
+  single.run()
+  sharded = lm.Trainer(tiny_run("muonclip", tau=2.0, steps=4, mesh=(4, 1)), data)
+  sharded.run()
+  emb = sharded.params["blocks"][0]["fc_in"]["kernel"]
+  assert len(emb.sharding.device_set) == 4
+  np.testing.assert_allclose(sharded.metrics["loss"], single.metrics["loss"], rtol=2e-3)
+
+
+@pytest.mark.parametrize("name", ["muonclip", "muon", "adamw"])
+def test_cli_writes_metrics_and_plots(name: str, tmp_path: Path) -> None:
+  out = tmp_path / name
+  summary = train_lm.main([
+      "--optimizer", name, "--steps", "4", "--batch", "4", "--seq-len", "16",
+      "--d-model", "32", "--layers", "1", "--heads", "2", "--eval-every", "2",
+      "--eval-batches", "1", "--max-bytes", "65536", "--out", str(out), "--no-progress",
+      "--tau", "3"])
+  doc = json.loads((out / "metrics.json").read_text())
+  assert doc["config"]["optim"]["name"] == name
+  assert len(doc["metrics"]["loss"]) == 4 and doc["metrics"]["val_step"] == [0, 2, 4]
+  assert summary["final_val_loss"] == doc["metrics"]["val_loss"][-1]
+  csv = (out / "metrics.csv").read_text().splitlines()
+  assert csv[0].startswith("step,loss,lr,val_loss,max_logit_layer0") and len(csv) == 5
+  for png in ("loss.png", "max_logit.png"):
+    assert (out / png).read_bytes()[:8] == PNG
+  if name == "muonclip":
+    assert summary["clipped_heads_total"] >= 0
+
+
+def test_cli_checkpoint_and_resume(tmp_path: Path) -> None:
+  common = ["--steps", "4", "--batch", "4", "--seq-len", "16", "--d-model", "32",
+            "--layers", "1", "--heads", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--max-bytes", "65536", "--no-progress", "--ckpt-dir", str(tmp_path / "ck"),
+            "--ckpt-every", "2"]
+  a = train_lm.main(common + ["--out", str(tmp_path / "a")])
+  assert sorted(p.name for p in (tmp_path / "ck").iterdir() if p.name.isdigit()) == ["2", "4"]
+  b = train_lm.main(common + ["--out", str(tmp_path / "b"), "--steps", "6", "--resume"])
+  doc = json.loads((tmp_path / "b" / "metrics.json").read_text())
+  assert b["steps"] == 6 and len(doc["metrics"]["loss"]) == 6
+  assert doc["metrics"]["loss"][:4] == json.loads(
+      (tmp_path / "a" / "metrics.json").read_text())["metrics"]["loss"]
+  assert a["steps"] == 4
+
+
+def test_cli_as_a_script_with_a_mesh(tmp_path: Path) -> None:
+  """``python examples/train_lm.py --mesh 2x2`` sets the host device count itself."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  proc = subprocess.run(
+      [sys.executable, str(EXAMPLES / "train_lm.py"), "--mesh", "2x1", "--steps", "2",
+       "--batch", "4", "--seq-len", "16", "--d-model", "32", "--layers", "1", "--heads", "2",
+       "--eval-every", "2", "--eval-batches", "1", "--max-bytes", "65536",
+       "--out", str(tmp_path), "--no-progress"],
+      capture_output=True, text=True, env=env, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "2 device(s), mesh 2x1" in proc.stdout
+  assert (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("name", ["muonclip", "adamw"])
+def test_linen_example(name: str) -> None:
+  out = train_linen.main(["--optimizer", name, "--steps", "8", "--batch", "4",
+                          "--seq-len", "16", "--tau", "2.0"])
+  assert out["last_loss"] < out["first_loss"] - 0.5
+  if name == "muonclip":
+    # Clipped after every step; the next batch's max logit stays near tau.
+    assert out["max_logit"] < 2.0 * 1.5
+
+
+def test_linen_step_clips_to_tau() -> None:
+  model = train_linen.LinenLM(d_model=32, num_layers=1, num_heads=2, seq_len=16)
+  x = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 16)), jnp.int32)
+  params = model.init(jax.random.key(0), x)["params"]
+  tau = 0.5
+  tx = muonclip_jax.muonclip(0.0, tau=tau, weight_decay=0.0)  # isolate QK-Clip
+  step = train_linen.make_train_step(model, tx, clip=True)
+  params, _, _, before = step(params, tx.init(params), x, jnp.roll(x, -1, axis=1))
+  assert float(before) > tau
+  _, state = model.apply({"params": params}, x, mutable=["intermediates"])
+  after = max(float(jnp.max(v)) for v in jax.tree.leaves(state["intermediates"]))
+  np.testing.assert_allclose(after, tau, rtol=1e-4)
