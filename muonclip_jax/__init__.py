@@ -13,6 +13,14 @@ from muonclip_jax._attention import (
   max_logits_blockwise,
   sow_max_logits,
 )
+from muonclip_jax._checkpoint import (
+  CheckpointError,
+  make_checkpoint_manager,
+  restore_checkpoint,
+  restore_latest_valid,
+  save_checkpoint,
+  verify_checkpoint,
+)
 from muonclip_jax._coefficients import PRESETS, NSConfig, resolve_coefficients
 from muonclip_jax._dimensions import MuonDimensionNumbers, default_dimension_numbers
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
@@ -35,6 +43,7 @@ from muonclip_jax._qk_layouts import (
   separate_qk,
 )
 from muonclip_jax._routing import default_label, default_param_labels
+from muonclip_jax._sharding import mesh_orthogonalizer, muon_sharding_summary
 
 __all__ = [
     "PRESETS",
@@ -67,4 +76,12 @@ __all__ = [
     "reduce_max_logits",
     "separate_qk",
     "sow_max_logits",
+    "CheckpointError",
+    "make_checkpoint_manager",
+    "mesh_orthogonalizer",
+    "muon_sharding_summary",
+    "restore_checkpoint",
+    "restore_latest_valid",
+    "save_checkpoint",
+    "verify_checkpoint",
 ]

@@ -1,0 +1,153 @@
+"""Sharded Orbax checkpoints: exact round trip, bitwise resume, damaged steps.
+
+Eight host CPU devices (conftest.py), a ('data', 'model') mesh, MuonClip with
+``mesh=`` (Muon, AdamW and QK-Clip states, MaskedNode leaves, a bf16 momentum).
+"""
+
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import muonclip_jax as mc
+from muonclip_jax._checkpoint import MANIFEST
+
+STATS = {"h0": {"attn": {"max_logits": jnp.asarray([50., 150, 90, 300])}}}
+
+
+def _params(mesh):
+  rng = np.random.default_rng(0)
+  shapes = {"embed": {"embedding": ((48, 32), P("model", None))},
+            "h0": {"attn": {"query": {"kernel": ((32, 4, 8), P(None, "model", None))},
+                            "key": {"kernel": ((32, 4, 8), P(None, "model", None))},
+                            "value": {"kernel": ((32, 4, 8), P(None, "model", None))},
+                            "out": {"kernel": ((4, 8, 32), P("model", None, None))}},
+                   "mlp": {"kernel": ((32, 128), P("data", "model"))},
+                   "norm": {"scale": ((32,), P("model"))}}}
+  is_leaf = lambda x: isinstance(x, tuple) and isinstance(x[1], P)
+  return jax.tree.map(
+      lambda s: jax.device_put(jnp.asarray(rng.standard_normal(s[0]) * 0.1, jnp.float32),
+                               NamedSharding(mesh, s[1])), shapes, is_leaf=is_leaf)
+
+
+def _setup():
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  tx = mc.muonclip(0.02, tau=100.0, mesh=mesh, mu_dtype=jnp.bfloat16)
+  params = _params(mesh)
+  with jax.set_mesh(mesh):
+    state = jax.jit(tx.init)(params)
+
+  @jax.jit
+  def train_step(params, state):
+    grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(p)))(params)
+    updates, state = tx.update(grads, state, params, max_logits=STATS)
+    return optax.apply_updates(params, updates), state
+
+  return mesh, tx, params, state, train_step
+
+
+def _assert_same(a, b):
+  chex.assert_trees_all_equal(a, b, strict=True)  # values, shapes and dtypes
+  chex.assert_trees_all_equal_structs(a, b)
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    assert x.sharding == y.sharding, (x.sharding, y.sharding)
+
+
+def test_round_trip_is_exact(tmp_path):
+  _, _, params, state, train_step = _setup()
+  params, state = train_step(params, state)
+  manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
+  assert mc.save_checkpoint(manager, 1, params, state)
+  abstract = lambda t: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
+  rp, rs = mc.restore_checkpoint(manager, abstract(params), abstract(state))
+  _assert_same(rp, params)
+  _assert_same(rs, state)
+  assert any(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(rs))
+  manager.close()
+
+
+def test_resume_is_bitwise_equal_to_never_stopping(tmp_path):
+  _, _, params, state, train_step = _setup()
+  p, s = params, state
+  for _ in range(3):
+    p, s = train_step(p, s)
+  manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
+  mc.save_checkpoint(manager, 3, p, s)
+  for _ in range(3):
+    p, s = train_step(p, s)
+  manager.close()
+
+  # A fresh start: new optimizer, new jitted step, targets from a fresh init.
+  _, _, params2, state2, train_step2 = _setup()
+  manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
+  rp, rs = mc.restore_checkpoint(manager, params2, state2)
+  for _ in range(3):
+    rp, rs = train_step2(rp, rs)
+  _assert_same(rp, p)
+  _assert_same(rs, s)
+  assert train_step2._cache_size() == 1  # the restored state compiles to the same program
+  manager.close()
+
+
+def _largest_file(step_dir, item):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(step_dir / item) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete", "flip", "no_manifest"])
+def test_damaged_latest_step_is_reported_and_previous_stays_usable(tmp_path, damage):
+  _, _, params, state, train_step = _setup()
+  manager = mc.make_checkpoint_manager(tmp_path / "ckpt", max_to_keep=3)
+  p3, s3 = params, state
+  for _ in range(3):
+    p3, s3 = train_step(p3, s3)
+  mc.save_checkpoint(manager, 3, p3, s3)
+  p6, s6 = p3, s3
+  for _ in range(3):
+    p6, s6 = train_step(p6, s6)
+  mc.save_checkpoint(manager, 6, p6, s6)
+
+  step_dir = tmp_path / "ckpt" / "6"
+  target = _largest_file(step_dir, "opt_state")
+  if damage == "truncate":
+    data = open(target, "rb").read()
+    open(target, "wb").write(data[: len(data) // 2])
+  elif damage == "delete":
+    os.remove(target)
+  elif damage == "flip":
+    data = bytearray(open(target, "rb").read())
+    data[len(data) // 2] ^= 0xFF
+    open(target, "wb").write(bytes(data))
+  else:
+    target = str(step_dir / MANIFEST)
+    os.remove(target)
+
+  with pytest.raises(mc.CheckpointError) as err:
+    mc.restore_checkpoint(manager, params, state)
+  assert err.value.step == 6
+  assert err.value.path == target
+  assert "step 6" in str(err.value) and target in str(err.value)
+
+  with pytest.warns(RuntimeWarning, match="step 6"):
+    step, rp, rs = mc.restore_latest_valid(manager, params, state)
+  assert step == 3
+  _assert_same(rp, p3)
+  _assert_same(rs, s3)
+  manager.close()
+
+
+def test_no_checkpoint_is_a_clear_error(tmp_path):
+  _, _, params, state, _ = _setup()
+  manager = mc.make_checkpoint_manager(tmp_path / "empty")
+  with pytest.raises(mc.CheckpointError, match="no checkpoint"):
+    mc.restore_checkpoint(manager, params, state)
+  with pytest.raises(mc.CheckpointError, match="no usable checkpoint"):
+    mc.restore_latest_valid(manager, params, state)
+  manager.close()
