@@ -754,3 +754,58 @@ def test_bad_statistics_never_scale_and_are_counted(bad):
   assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(upd))
   st = state[-1]
   assert int(st.num_skipped) == 2 and int(st.skipped_total) == 2 and int(st.num_clipped) == 1
+
+
+class NNXStack(nnx.Module):
+  """Hand-written stacked layers: ``wq``/``wk`` of shape ``(layers, E, heads, dim)``."""
+
+  def __init__(self, layers: int = 3, heads: int = 4, dim: int = 4, *, rngs: nnx.Rngs):
+    init = nnx.initializers.normal(0.5)
+    self.wq = nnx.Param(init(rngs.params(), (layers, E, heads, dim)))
+    self.wk = nnx.Param(init(rngs.params(), (layers, E, heads, dim)))
+    self.wv = nnx.Param(init(rngs.params(), (layers, E, heads, dim)))
+
+  def __call__(self, x):
+    def layer(_, w):
+      wq, wk, wv = w
+      q, k = jnp.einsum("ble,ehd->blhd", x, wq), jnp.einsum("ble,ehd->blhd", x, wk)
+      logits = qk_logits(q, k)
+      out = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits),
+                       jnp.einsum("ble,ehd->blhd", x, wv))
+      return None, (out, mc.head_max_logits(logits, mask=causal()))
+    _, (outs, stats) = jax.lax.scan(layer, None, (self.wq[...], self.wk[...], self.wv[...]))
+    mc.sow_max_logits(self, stats)  # [layers, heads]
+    return outs.sum(0)
+
+
+def test_nnx_scanned_stack_custom_layout():
+  model = NNXStack(rngs=nnx.Rngs(31))
+  graphdef, params = nnx.split(model, nnx.Param)
+  params = nnx.as_pure(params)
+  x = x_input(32)
+
+  def stats_fn(p):
+    return nnx.capture(nnx.merge(graphdef, p), nnx.Intermediate)(x)[1]
+
+  layout = mc.QKLayout((mc.QKParam("wq", "query", ndim=3), mc.QKParam("wk", "key", ndim=3)))
+  assert stats_of(stats_fn(params))[()].shape == (3, 4)
+  new, stats, tau = run_case(params, stats_fn, "mha", layouts=layout)
+  hot = gammas(stats_of(stats)[()], tau) < 1
+  assert hot.any() and (~hot).any()
+  for n in ("wq", "wk"):
+    check_heads(params, new, (n,), lambda a: per_head(a, -2, n_lead=1), hot)
+  check_others_bitwise(params, new, {("wq",), ("wk",)})
+
+
+def test_params_under_variables_dict_and_tuple_sow():
+  """A linen ``{'params': ...}`` tree and Flax's default tuple ``sow`` both work."""
+  params = simple_params()
+  grads = jax.tree.map(jnp.zeros_like, params)
+  s = jnp.array([5.0, 0.5, 2.0, 1.0])
+  tx = sgd_clip(1.0)
+  upd, _ = tx.update({"params": grads}, tx.init({"params": params}), {"params": params},
+                     max_logits={"intermediates": {"attn": {"max_logits": (s - 1.0, s)}}})
+  f = np.sqrt(np.minimum(1.0, 1.0 / np.asarray(s)))
+  new = optax.apply_updates({"params": params}, upd)["params"]
+  np.testing.assert_allclose(new["attn"]["key"]["kernel"],
+                             params["attn"]["key"]["kernel"] * f[:, None], rtol=1e-6)
