@@ -809,3 +809,68 @@ def test_params_under_variables_dict_and_tuple_sow():
   new = optax.apply_updates({"params": params}, upd)["params"]
   np.testing.assert_allclose(new["attn"]["key"]["kernel"],
                              params["attn"]["key"]["kernel"] * f[:, None], rtol=1e-6)
+
+
+def _clip_tree(params, layout, s, sharing="query"):
+  tx = optax.chain(optax.sgd(0.0), mc.qk_clip(1.0, layouts={"m": layout},
+                                                 gqa_sharing=sharing, auto_detect=False))
+  grads = jax.tree.map(jnp.zeros_like, params)
+  upd, _ = tx.update(grads, tx.init(params), params, max_logits={"m": {"max_logits": s}})
+  return optax.apply_updates(params, upd)
+
+
+@pytest.mark.parametrize("kv,sharing", [(4, "query"), (2, "query"), (2, "group"), (2, "split")])
+def test_storage_layouts_agree(kv, sharing):
+  """One set of per-head weights stored five ways: the clip acts on the same entries."""
+  rng = np.random.default_rng(kv)
+  h, d = 4, 3
+  q, k, v = (rng.standard_normal((E, n, d)).astype(np.float32) for n in (h, kv, kv))
+  s = jnp.array([3.0, 0.5, 1.5, 4.0])
+  ref = _clip_tree({"m": {"wq": {"kernel": q}, "wk": {"kernel": k}}},
+                   mc.separate_qk("wq", "wk"), s, sharing)["m"]
+  rq, rk = np.asarray(ref["wq"]["kernel"]), np.asarray(ref["wk"]["kernel"])
+  assert not np.array_equal(rq, q)
+
+  merged2d = _clip_tree({"m": {"wq": {"kernel": q.reshape(E, -1)},
+                               "wk": {"kernel": k.reshape(E, -1)}}},
+                        mc.separate_qk("wq", "wk", num_heads=h, num_kv_heads=kv,
+                                       merged_heads=True), s, sharing)["m"]
+  np.testing.assert_array_equal(merged2d["wq"]["kernel"], rq.reshape(E, -1))
+  np.testing.assert_array_equal(merged2d["wk"]["kernel"], rk.reshape(E, -1))
+
+  blocks = np.concatenate([q, k, v], axis=1).reshape(E, -1)
+  out = _clip_tree({"m": {"qkv": {"kernel": blocks}}},
+                   mc.fused_qkv("qkv", num_heads=h, num_kv_heads=kv), s, sharing)["m"]
+  np.testing.assert_array_equal(
+      out["qkv"]["kernel"], np.concatenate([rq, rk, v], axis=1).reshape(E, -1))
+
+  rep = h // kv
+  group = lambda q_, k_: np.concatenate(
+      [q_.reshape(E, kv, rep, d), k_[:, :, None], v[:, :, None]], axis=2).reshape(E, -1)
+  out = _clip_tree({"m": {"qkv": {"kernel": group(q, k)}}},
+                   mc.fused_qkv("qkv", num_heads=h, num_kv_heads=kv, order="groups"), s,
+                   sharing)["m"]
+  np.testing.assert_array_equal(out["qkv"]["kernel"], group(rq, rk))
+
+  if kv == h:
+    heads = lambda q_, k_: np.stack([q_, k_, v], axis=2).reshape(E, -1)
+    out = _clip_tree({"m": {"qkv": {"kernel": heads(q, k)}}},
+                     mc.fused_qkv("qkv", num_heads=h, order="heads"), s)["m"]
+    np.testing.assert_array_equal(out["qkv"]["kernel"], heads(rq, rk))
+
+
+def test_mla_merged_matches_3d():
+  rng = np.random.default_rng(0)
+  h, nope, rope_d, vd, r = 4, 3, 2, 5, 6
+  wq = rng.standard_normal((E, h, nope + rope_d)).astype(np.float32)
+  wkv = rng.standard_normal((r, h, nope + vd)).astype(np.float32)
+  s = jnp.array([3.0, 0.5, 1.5, 4.0])
+  kw = dict(num_heads=h, qk_nope_head_dim=nope, qk_rope_head_dim=rope_d, v_head_dim=vd)
+  ref = _clip_tree({"m": {"wq": {"kernel": wq}, "wkv_b": {"kernel": wkv}}},
+                   mc.mla(**kw), s)["m"]
+  out = _clip_tree({"m": {"wq": {"kernel": wq.reshape(E, -1)},
+                          "wkv_b": {"kernel": wkv.reshape(r, -1)}}},
+                   mc.mla(**kw, merged_heads=True), s)["m"]
+  np.testing.assert_array_equal(out["wq"]["kernel"], np.asarray(ref["wq"]["kernel"]).reshape(E, -1))
+  np.testing.assert_array_equal(out["wkv_b"]["kernel"],
+                                np.asarray(ref["wkv_b"]["kernel"]).reshape(r, -1))
