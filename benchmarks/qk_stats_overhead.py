@@ -17,6 +17,7 @@ Run: ``python -m benchmarks.qk_stats_overhead [--layers 4] [--d-model 256]
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -129,7 +130,9 @@ def run(layers: int, d_model: int, heads: int, seq: int, batch: int, vocab: int,
   extra = sorted(set(reduces["sowing"]) - set(reduces["default"]))
   n_extra = len(reduces["sowing"]) - len(reduces["default"])
   fns = [lambda s=steps[n]: s(params, opt_state, tok) for n in ("default", "ours_off", "sowing")]
+  load0 = os.getloadavg()[0]
   t_default, t_off, t_sowing = rotated_paired_times(fns, rounds=rounds)
+  load1 = os.getloadavg()[0]
   ratio = median_ratio(t_sowing, t_default)
   r_off = median_ratio(t_off, t_default)
   print(f"default {median(t_default) * 1e3:.1f} ms, ours (no sow) {median(t_off) * 1e3:.1f} ms, "
@@ -150,7 +153,9 @@ def run(layers: int, d_model: int, heads: int, seq: int, batch: int, vocab: int,
         f"softmax's row maxima.\n\nRatio sowing / default: **{ratio:.4f}** (target <= {TARGET}: "
         f"{'met' if ratio <= TARGET else '**not met**'}); per-round ratios min "
         f"{min(a / b for a, b in zip(t_sowing, t_default)):.4f}, max "
-        f"{max(a / b for a, b in zip(t_sowing, t_default)):.4f}.")
+        f"{max(a / b for a, b in zip(t_sowing, t_default)):.4f}. 1-minute load average "
+        f"{load0:.1f} before and {load1:.1f} after the timed rounds "
+        f"({os.cpu_count()} CPUs; other jobs share the machine).")
   return md, ratio
 
 
