@@ -32,7 +32,7 @@ import sysconfig
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -446,11 +446,55 @@ class RunConfig:
     return dataclasses.asdict(self)
 
 
+class Compiled(NamedTuple):
+  """What every run of one (model, optimiser, mesh) shares: compiled steps included."""
+
+  mesh: Mesh | None
+  graphdef: nnx.GraphDef
+  tx: optax.GradientTransformation
+  train_step: Callable[..., Any]
+  eval_step: Callable[..., Any]
+
+
+_COMPILED: dict[tuple[Any, ...], Compiled] = {}
+
+
+def _compiled(model: ModelConfig, optim: OptimConfig, mesh_shape: tuple[int, int] | None
+              ) -> Compiled:
+  """The jitted train and eval steps for a configuration, built once per process.
+
+  Runs that differ only in seed, data or step count (sweeps, resumes, tests)
+  reuse one compilation. The train step donates parameters and optimiser state.
+  """
+  key = (model, optim, mesh_shape)
+  if key in _COMPILED:
+    return _COMPILED[key]
+  mesh = make_mesh(mesh_shape) if mesh_shape else None
+  graphdef, _ = init_model(model, 0)
+  tx = make_optimizer(optim, mesh)
+  with_stats = uses_max_logits(optim.name)
+  num_layers = model.num_layers
+
+  def train_step(params, opt_state, x, y):
+    (loss, stats), grads = jax.value_and_grad(
+        lambda p: loss_fn(graphdef, p, x, y), has_aux=True)(params)
+    extra = {"max_logits": stats} if with_stats else {}
+    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, loss, head_max_logits(stats, num_layers)
+
+  out = Compiled(mesh, graphdef, tx, jax.jit(train_step, donate_argnums=(0, 1)),
+                 jax.jit(lambda p, x, y: loss_fn(graphdef, p, x, y)[0]))
+  _COMPILED[key] = out
+  return out
+
+
 class Trainer:
   """Holds the parameters and optimiser state of one run; steps and evaluates.
 
-  The train step is ``jax.jit``-compiled once (fixed shapes, parameters and
-  state donated); the step counter that the data sampler uses lives on the host.
+  The train step is ``jax.jit``-compiled once per configuration and process
+  (fixed shapes, parameters and state donated; see :func:`_compiled`); the step
+  counter that the data sampler uses lives on the host.
 
   Args:
     cfg: the run.
@@ -464,17 +508,24 @@ class Trainer:
       raise ValueError("batch must be positive and steps non-negative")
     self.cfg = cfg
     self.data = data
-    self.mesh = make_mesh(cfg.mesh) if cfg.mesh else None
-    if self.mesh is not None and cfg.batch % self.mesh.shape["data"]:
+    if cfg.mesh is not None and cfg.batch % cfg.mesh[0]:
       raise ValueError(f"batch ({cfg.batch}) must be a multiple of the mesh's data axis "
-                       f"({self.mesh.shape['data']})")
-    self.graphdef, params = init_model(cfg.model, cfg.seed)
+                       f"({cfg.mesh[0]})")
+    compiled = _compiled(cfg.model, cfg.optim, cfg.mesh)
+    self.mesh, self.graphdef, self.tx = compiled.mesh, compiled.graphdef, compiled.tx
+    self._train_step, self._eval_step = compiled.train_step, compiled.eval_step
+    _, params = init_model(cfg.model, cfg.seed)
     if self.mesh is not None:
       params = shard_params(params, self.mesh)
-    self.tx = make_optimizer(cfg.optim, self.mesh)
     self.params = params
     # Copies: optax may share one buffer between state leaves, which donation rejects.
-    self.opt_state = jax.tree.map(jnp.copy, self.tx.init(params))
+    opt_state = jax.tree.map(jnp.copy, self.tx.init(params))
+    if self.mesh is not None:  # Leaves not laid out on the mesh (counters) are replicated.
+      replicated = NamedSharding(self.mesh, P())
+      opt_state = jax.tree.map(
+          lambda x: x if isinstance(x.sharding, NamedSharding) else
+          jax.device_put(x, replicated), opt_state)
+    self.opt_state = opt_state
     self.step = 0
     self.metrics: dict[str, list[Any]] = {
         "step": [], "loss": [], "max_logit": [], "head_max_logit": [], "lr": [],
@@ -482,28 +533,11 @@ class Trainer:
     self._val = [tuple(self._put(a) for a in b)
                  for b in data.val_batches(cfg.batch, cfg.eval_batches)]
     self._lr = lr_schedule(cfg.optim.lr, cfg.optim)
-    self._train_step = self._build_train_step()
-    self._eval_step = jax.jit(lambda p, x, y: loss_fn(self.graphdef, p, x, y)[0])
 
   def _put(self, a: np.ndarray) -> jax.Array:
     if self.mesh is None:
       return jnp.asarray(a)
     return jax.device_put(a, NamedSharding(self.mesh, P("data", None)))
-
-  def _build_train_step(self) -> Callable[..., Any]:
-    graphdef, tx = self.graphdef, self.tx
-    with_stats = uses_max_logits(self.cfg.optim.name)
-    num_layers = self.cfg.model.num_layers
-
-    def train_step(params, opt_state, x, y):
-      (loss, stats), grads = jax.value_and_grad(
-          lambda p: loss_fn(graphdef, p, x, y), has_aux=True)(params)
-      extra = {"max_logits": stats} if with_stats else {}
-      updates, opt_state = tx.update(grads, opt_state, params, **extra)
-      params = optax.apply_updates(params, updates)
-      return params, opt_state, loss, head_max_logits(stats, num_layers)
-
-    return jax.jit(train_step, donate_argnums=(0, 1))
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
     """The training batch of ``step`` (deterministic in the seed and the step)."""
@@ -595,49 +629,52 @@ def clip_telemetry(opt_state: Any) -> dict[str, int]:
 
 
 class Checkpointer:
-  """Saves and restores a :class:`Trainer` (parameters, optimiser state, step, metrics).
+  """Saves and restores a :class:`Trainer` with the package's orbax helpers.
 
-  Orbax ``CheckpointManager`` under ``directory``; restoring places every
-  array with the sharding of the trainer's current state, so a sharded run
-  resumes sharded. The data sampler is a function of ``(seed, step)``, so a
-  resumed run sees exactly the batches an uninterrupted one would.
+  Parameters and the whole optimiser state go through
+  :func:`muonclip_jax.save_checkpoint` (sharded, with a verified manifest);
+  :meth:`restore_latest` uses :func:`muonclip_jax.restore_latest_valid`, which
+  restores onto the trainer's current shardings and skips damaged steps. The
+  metrics recorded so far are kept beside each step as ``metrics_<step>.json``.
+  The data sampler is a function of ``(seed, step)``, so a resumed run sees
+  exactly the batches an uninterrupted one would.
 
   Args:
     directory: checkpoint directory (created).
-    max_to_keep: checkpoints kept.
+    max_to_keep: checkpoints kept (at least 2, so a damaged one has a fallback).
   """
 
   def __init__(self, directory: str | os.PathLike[str], max_to_keep: int = 2) -> None:
-    import orbax.checkpoint as ocp
-
-    self._ocp = ocp
     self.directory = Path(directory).resolve()
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                             create=True))
+    self.manager = muonclip_jax.make_checkpoint_manager(self.directory,
+                                                        max_to_keep=max_to_keep)
+
+  def _metrics_path(self, step: int) -> Path:
+    return self.directory / f"metrics_{step}.json"
 
   def save(self, trainer: Trainer) -> None:
     """Saves the trainer's state at its current step (waits until written)."""
-    ocp = self._ocp
-    self.manager.save(trainer.step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(trainer.state()),
-        metrics=ocp.args.JsonSave(trainer.metrics)))
-    self.manager.wait_until_finished()
+    muonclip_jax.save_checkpoint(self.manager, trainer.step, trainer.params,
+                                 trainer.opt_state, force=True)
+    self._metrics_path(trainer.step).write_text(json.dumps(trainer.metrics))
+    kept = {int(s) for s in self.manager.all_steps()}
+    for old in self.directory.glob("metrics_*.json"):
+      if int(old.stem.split("_")[1]) not in kept:
+        old.unlink()
 
   def latest_step(self) -> int | None:
     """The latest saved step, or ``None``."""
     return self.manager.latest_step()
 
   def restore_latest(self, trainer: Trainer) -> int | None:
-    """Loads the latest checkpoint into ``trainer``; returns its step (``None``: none)."""
-    ocp = self._ocp
-    step = self.manager.latest_step()
-    if step is None:
+    """Loads the newest valid checkpoint into ``trainer``; returns its step (``None``: none)."""
+    if self.manager.latest_step() is None:
       return None
-    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, trainer.state())
-    restored = self.manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(target), metrics=ocp.args.JsonRestore()))
-    trainer.load_state(restored["state"], restored["metrics"])
+    step, params, opt_state = muonclip_jax.restore_latest_valid(
+        self.manager, trainer.params, trainer.opt_state)
+    path = self._metrics_path(step)
+    metrics = json.loads(path.read_text()) if path.exists() else None
+    trainer.load_state({"params": params, "opt_state": opt_state, "step": step}, metrics)
     return step
 
   def close(self) -> None:
