@@ -4,34 +4,36 @@ Newton–Schulz multiplies whole matrices (``X X^T``, ``(X X^T) X``). With a
 parameter sharded on a :class:`jax.sharding.Mesh` (FSDP rows or columns, tensor
 parallel), letting XLA's SPMD partitioner split each product puts collectives
 inside every iteration (REFERENCE.md §4: 8x-11x the momentum's bytes, or 1.8x
-redundant FLOPs). Here the matrices are moved instead:
+redundant FLOPs). Here whole matrices are moved once instead, with JAX's own
+SPMD machinery (one :func:`jax.shard_map` and its collectives):
 
-1. **Group.** Matrices that share a shape (after turning tall ones into wide
-   ones, ``NS(X^T) = NS(X)^T``) and a dtype form a group, whether they come from
-   separate leaves or from the batch axes of one stacked leaf.
-2. **Lay out.** Each group is laid out as an array ``(n, S, rows, cols)``
-   whose leading axis runs over all ``n`` devices of the mesh (every mesh axis
-   flattened into it). A leaf whose own leading (layer) axis already carries
-   the mesh keeps its matrices on their devices: each leaf contributes
-   ``b // n`` matrices per device, device-major.
-3. **One reshard in, local Newton–Schulz, one reshard out.** The layout is
-   handed to :func:`jax.shard_map`, which makes XLA reshard it once (an
-   all-to-all for FSDP and tensor-parallel layouts); every device then
-   orthogonalises its ``S`` whole matrices with no collective, and the results
-   go back to the parameters' own sharding in one reshard.
+1. **Group.** Matrices that share a shape, a dtype and a sharding of their
+   ``(batch, rows, cols)`` view form one operand, whether they come from
+   separate leaves or from the batch axes of one stacked leaf. Tall matrices
+   enter transposed (``NS(X^T) = NS(X)^T``), and so do square ones sharded by
+   rows only, so that they join column-sharded ones.
+2. **Reshard in.** An operand sharded ``(b, r, c)`` (mesh axes of its batch,
+   rows and columns) and replicated over the remaining axes ``rep`` numbers
+   the devices in the order ``b + rep + r + c``. Each device takes its slice of
+   the batch over ``rep`` (no communication), then one ``all_to_all`` per
+   sharded matrix axis trades its block of rows/columns of every matrix for
+   whole matrices: for FSDP or tensor parallelism, one all-to-all.
+3. **Local Newton–Schulz** on the device's whole matrices: no collective in
+   the iteration (their number does not depend on the number of steps).
+4. **Reshard out**: the reverse all-to-all, then an ``all_gather`` over
+   ``rep``; every leaf comes back in its own sharding. A stacked leaf whose
+   layer axis carries the whole mesh never moves.
 
-Leftovers (``count mod n`` matrices per group) are placed by cost. With
-``w_g`` the Newton–Schulz FLOPs of one matrix of group ``g``:
-
-* ``"pad"``: one more slot of every group with leftovers on every device (zero
-  matrices fill it); per-device cost ``sum_g w_g``;
-* ``"pack"``: leftovers of all groups are spread over the devices by longest
-  processing time first (Graham 1969), each device running its own branch of a
-  :func:`jax.lax.switch` (only its real matrices are computed); per-device cost
-  the makespan ``max_d sum_{i on d} w_i``, used when it beats ``"pad"``;
-* ``"replicate"``: a single leftover matrix is gathered and computed on every
-  device, which costs the same time as computing it on one and saves the
-  reshard back.
+Placement. ``count // n`` matrices of each operand go to every device; the
+leftovers (``count mod n`` per operand) of all operands are placed together
+by longest processing time first (Graham 1969): heaviest first, each on the
+least-loaded device, so small groups of different shapes fill each other's
+gaps. The layout is padded with zero matrices to a whole number of slots per
+device, and each device computes only its real matrices (one
+:func:`jax.lax.switch` branch per pattern of counts; XLA's cost analysis
+counts the heaviest branch). An operand of one matrix is gathered whole on
+every device and computed there, if that does not load the busiest device
+more: same time, and nothing to send back.
 
 :func:`muon_sharding_summary` prints what each leaf gets.
 
@@ -39,9 +41,10 @@ Output shardings. With an explicit mesh (``jax.make_mesh``'s default
 ``AxisType.Explicit``) the update runs under :func:`jax.sharding.auto_axes` and
 every output takes its input's sharding type. With an ``AxisType.Auto`` mesh,
 shardings are not visible while tracing, so ``init`` records the shardings of
-the concrete parameters it is given and ``update`` constrains its outputs to
-them; call ``init`` on the sharded parameters outside ``jax.jit`` (an update
-whose parameter sharding was not recorded is left to XLA's propagation).
+the concrete parameters it is given and ``update`` uses them; call ``init`` on
+the sharded parameters outside ``jax.jit``. A leaf whose sharding is unknown is
+treated as replicated: XLA gathers it on entry (correct, more traffic) and its
+output sharding is left to XLA.
 """
 
 from __future__ import annotations
@@ -108,8 +111,11 @@ class ArrayPlan(NamedTuple):
       ``t`` (in ``order``) gets positions ``[t * slots, (t + 1) * slots)``.
       ``None`` for a batch-sharded single member, which is padded on device.
     slots: matrices per device.
-    counts: real (not pad) matrices per device, by number in ``order``.
+    counts: matrices each device computes (pads excluded), by number in ``order``.
     flops: Newton–Schulz FLOPs of one matrix.
+    replicated: a single matrix, gathered whole on every device (all-gather
+      over ``r`` and ``c``) and computed there; each keeps its own shard of the
+      result, so nothing is sent back.
   """
 
   rows: int
@@ -123,14 +129,19 @@ class ArrayPlan(NamedTuple):
   slots: int
   counts: tuple[int, ...]
   flops: int
+  replicated: bool = False
 
   @property
   def count(self) -> int:
-    return sum(self.counts)
+    """Real matrices in the operand."""
+    if self.cells is None:
+      return sum(self.counts)
+    return sum(c is not None for c in self.cells)
 
   @property
   def padding(self) -> int:
-    return self.slots * len(self.counts) - self.count
+    """Zero matrices added to fill the layout."""
+    return 0 if self.replicated else self.slots * len(self.counts) - self.count
 
 
 class MeshPlan(NamedTuple):
@@ -240,11 +251,11 @@ def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
       pooled.setdefault(key, []).append(i)
 
   numbering = {a.order: _numbering(a.order, sizes) for a in arrays}
-  load = [0] * n  # per device in mesh order
+  base = [0] * n  # per device in mesh order
   for a in arrays:
     num = numbering[a.order]
     for p in range(n):
-      load[p] += a.counts[num[p]] * a.flops
+      base[p] += a.counts[num[p]] * a.flops
   drafts = []
   leftovers = []  # (weight, draft index, member j, index k)
   for (rows, cols, dt, spec), members in pooled.items():
@@ -254,23 +265,46 @@ def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
     order = order_of(spec)
     if order not in numbering:
       numbering[order] = _numbering(order, sizes)
-    per_device: list[list[tuple[int, int]]] = [mats[t * q:(t + 1) * q] for t in range(n)]
-    load = [x + q * flops for x in load]
+    base = [x + q * flops for x in base]
     leftovers += [(flops, len(drafts), j, k) for j, k in mats[n * q:]]
-    drafts.append(((rows, cols, dt, spec, tuple(members)), order, flops, per_device))
-  # Longest processing time first over all leftovers, on top of the uniform load.
-  for flops, d, j, k in sorted(leftovers, key=lambda x: (-x[0], x[1])):
-    p = min(range(n), key=lambda p: (load[p], p))
-    load[p] += flops
-    order = drafts[d][1]
-    drafts[d][3][numbering[order][p]].append((j, k))
-  for (rows, cols, dt, spec, members), order, flops, per_device in drafts:
+    drafts.append(((rows, cols, dt, spec, tuple(members)), order, flops, mats, q))
+
+  def lpt(replicated: set[int]) -> tuple[list[tuple[int, int, int, int]], int]:
+    """Longest processing time first over the leftovers, on top of the uniform load."""
+    load = [x + sum(drafts[d][2] for d in replicated) for x in base]
+    placed = []
+    for flops, d, j, k in sorted(leftovers, key=lambda x: (-x[0], x[1])):
+      if d in replicated:
+        continue
+      p = min(range(n), key=lambda p: (load[p], p))
+      load[p] += flops
+      placed.append((d, j, k, p))
+    return placed, max(load)
+
+  # A lone matrix of its operand is computed on every device instead (gathered
+  # once, nothing to send back) when that does not load the busiest device more.
+  replicated: set[int] = set()
+  placed, busiest = lpt(replicated)
+  for d in sorted((d for d, x in enumerate(drafts) if len(x[3]) == 1), key=lambda d: -drafts[d][2]):
+    trial, cost = lpt(replicated | {d})
+    if cost <= busiest:
+      replicated.add(d)
+      placed, busiest = trial, cost
+  for d, ((rows, cols, dt, spec, members), order, flops, mats, q) in enumerate(drafts):
+    transposed = tuple(transpose[i] for i in members)
+    if d in replicated:
+      arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), spec, order, members, transposed,
+                              (mats[0],), 1, (1,) * n, flops, True))
+      continue
+    per_device = [list(mats[t * q:(t + 1) * q]) for t in range(n)]
+    for dd, j, k, p in placed:
+      if dd == d:
+        per_device[numbering[order][p]].append((j, k))
     slots = max(len(x) for x in per_device)
     cells: list[tuple[int, int] | None] = []
     for x in per_device:
       cells += x + [None] * (slots - len(x))
-    arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), spec, order, members,
-                            tuple(transpose[i] for i in members),
+    arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), spec, order, members, transposed,
                             tuple(cells), slots, tuple(len(x) for x in per_device), flops))
 
   per_device = [tuple(a.counts[numbering[a.order][p]] for a in arrays) for p in range(n)]
@@ -408,6 +442,14 @@ class MeshOrthogonalizer:
     whole, undo = [], []
     for a, x in zip(plan.arrays, xs, strict=True):
       b, r, c = a.spec
+      if a.replicated:
+        if r:
+          x = jax.lax.all_gather(x, r, axis=1, tiled=True)
+        if c:
+          x = jax.lax.all_gather(x, c, axis=2, tiled=True)
+        whole.append(x)
+        undo.append(None)
+        continue
       rep = tuple(ax for ax in self.axes if ax not in b + r + c)
       local = x.shape[0]
       per_shard = a.slots * (n // _size(b, self.sizes))
@@ -443,7 +485,16 @@ class MeshOrthogonalizer:
       ys = jax.lax.switch(idx, [branch(p) for p in plan.patterns], *whole)
 
     outs = []
-    for y, (rep, r, c, local) in zip(ys, undo, strict=True):
+    for a, y, how in zip(plan.arrays, ys, undo, strict=True):
+      if how is None:  # replicated: keep this device's shard of the result
+        _, r, c = a.spec
+        for axis, names in ((1, r), (2, c)):
+          if names:
+            size = y.shape[axis] // _size(names, self.sizes)
+            y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(names) * size, size, axis)
+        outs.append(y)
+        continue
+      rep, r, c, local = how
       if c:
         y = jax.lax.all_to_all(y, c, 2, 0, tiled=True)
       if r:
@@ -522,6 +573,10 @@ def mesh_orthogonalizer(mesh: Mesh, switch: bool = True) -> MeshOrthogonalizer:
 def _describe(a: ArrayPlan, axes: Axes, known: bool) -> str:
   """How an operand is moved: the collectives in and out."""
   b, r, c = a.spec
+  if a.replicated:
+    gather = f"all-gather over {','.join(r + c)}; " if r + c else ""
+    return (("gathered (sharding unknown); " if not known else "") + gather
+            + "computed on every device, nothing sent back")
   rep = tuple(x for x in axes if x not in b + r + c)
   steps = []
   if not known:

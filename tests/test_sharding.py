@@ -95,6 +95,9 @@ CASES = {
     "tp_attention_12": (mesh24, attention_tree(3), False),
     "stacked_16": (mesh8, {"layers/mlp": ((16, 64, 256), P("fsdp", None, None))}, True),
     "stacked_12_model": (mesh24, {"layers/mlp": ((12, 64, 256), P("model", None, None))}, False),
+    "fsdp_rows_8_and_a_lone_one": (mesh8, {**{f"a{i}": ((64, 256), P("fsdp", None))
+                                              for i in range(8)},
+                                           "b": ((64, 128), P("fsdp", None))}, False),
     "mixed_5_3": (mesh8, {**{f"a{i}": ((64, 256), P("fsdp", None)) for i in range(5)},
                           **{f"b{i}": ((64, 128), P("fsdp", None)) for i in range(3)}}, False),
 }
@@ -324,6 +327,10 @@ def test_plan_places_every_matrix_once_within_bounds(counts, axes):
   n = math.prod(axes.values())
   seen = []
   for a in plan.arrays:
+    if a.replicated:  # one matrix, computed by every device
+      assert len(a.cells) == 1 and a.counts == (1,) * n
+      seen.append((a.members[a.cells[0][0]], a.cells[0][1]))
+      continue
     assert len(a.cells) == a.slots * n
     for t in range(n):
       block = a.cells[t * a.slots:(t + 1) * a.slots]
@@ -358,6 +365,13 @@ def test_summary_lists_every_leaf():
   for k in flat:
     assert k in text
   assert "AdamW" in text and "all-to-all cols<->batch over model" in text
+  # A lone matrix that the busiest device would compute anyway: computed everywhere.
+  flat = {**{f"w{i}": ((64, 256), P(None, "model")) for i in range(8)},
+          "lone": ((64, 96), P("data", None))}
+  params = {k: jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, sp))
+            for k, (s, sp) in flat.items()}
+  text = muon_sharding_summary(params, mesh, param_labels=lambda p: {k: "muon" for k in p})
+  assert "all-gather over data; computed on every device" in text, text
   assert "busiest device" in text
 
 
