@@ -128,6 +128,7 @@ class ByteData:
                          f"{seq_len + 2}; use a longer text or a shorter --seq-len")
 
   def _windows(self, part: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs and next-byte targets of the windows starting at ``starts``."""
     idx = starts[:, None] + np.arange(self.seq_len + 1)[None, :]
     w = part[idx].astype(np.int32)
     return w[:, :-1], w[:, 1:]
@@ -179,10 +180,12 @@ class ModelConfig:
 
   @property
   def kv_heads(self) -> int:
+    """Key/value heads (``num_heads`` unless GQA/MQA)."""
     return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
 
   @property
   def head_dim(self) -> int:
+    """Width of one head."""
     return self.d_model // self.num_heads
 
   def validate(self) -> ModelConfig:
@@ -443,6 +446,7 @@ class RunConfig:
   mesh: tuple[int, int] | None = None
 
   def to_dict(self) -> dict[str, Any]:
+    """The configuration as plain JSON-serialisable values."""
     return dataclasses.asdict(self)
 
 
@@ -475,7 +479,8 @@ def _compiled(model: ModelConfig, optim: OptimConfig, mesh_shape: tuple[int, int
   with_stats = uses_max_logits(optim.name)
   num_layers = model.num_layers
 
-  def train_step(params, opt_state, x, y):
+  def train_step(params: dict[str, Any], opt_state: optax.OptState, x: jax.Array,
+                 y: jax.Array) -> tuple[dict[str, Any], optax.OptState, jax.Array, jax.Array]:
     (loss, stats), grads = jax.value_and_grad(
         lambda p: loss_fn(graphdef, p, x, y), has_aux=True)(params)
     extra = {"max_logits": stats} if with_stats else {}
@@ -535,6 +540,7 @@ class Trainer:
     self._lr = lr_schedule(cfg.optim.lr, cfg.optim)
 
   def _put(self, a: np.ndarray) -> jax.Array:
+    """A host batch on the device, or sharded over the mesh's ``data`` axis."""
     if self.mesh is None:
       return jnp.asarray(a)
     return jax.device_put(a, NamedSharding(self.mesh, P("data", None)))
@@ -650,6 +656,7 @@ class Checkpointer:
                                                         max_to_keep=max_to_keep)
 
   def _metrics_path(self, step: int) -> Path:
+    """Where the metrics of ``step`` are kept."""
     return self.directory / f"metrics_{step}.json"
 
   def save(self, trainer: Trainer) -> None:
@@ -678,6 +685,7 @@ class Checkpointer:
     return step
 
   def close(self) -> None:
+    """Waits for pending writes and releases the manager."""
     self.manager.close()
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -73,16 +73,17 @@ class LinenLM(nn.Module):
 
 
 def make_train_step(model: LinenLM, tx: optax.GradientTransformation, clip: bool
-                    ) -> Any:
+                    ) -> Callable[..., tuple[Any, optax.OptState, jax.Array, jax.Array]]:
   """The jitted step ``(params, opt_state, x, y) -> (params, opt_state, loss, max_logit)``."""
 
-  def loss_fn(params, x, y):
+  def loss_fn(params: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, Any]:
     logits, state = model.apply({"params": params}, x, mutable=["intermediates"])
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
     return loss, state["intermediates"]
 
   @jax.jit
-  def train_step(params, opt_state, x, y):
+  def train_step(params: Any, opt_state: optax.OptState, x: jax.Array, y: jax.Array
+                 ) -> tuple[Any, optax.OptState, jax.Array, jax.Array]:
     (loss, inter), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, x, y)
     extra = {"max_logits": inter} if clip else {}
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
