@@ -52,9 +52,16 @@ _CONV = re.compile(r"conv", re.IGNORECASE)
 
 
 def path_str(path: Sequence[Any]) -> str:
-  """``'a/b/kernel'`` for a pytree key path."""
+  """``'a/b/kernel'`` for a pytree key path.
+
+  The ``.value`` attribute key of a wrapped variable (``nnx.Param`` leaves, as
+  ``nnx.Optimizer`` passes them to ``init``) is dropped, so a parameter has the
+  same path wrapped or not.
+  """
   parts = []
   for k in path:
+    if isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("value", "raw_value"):
+      continue
     for attr in ("key", "name", "idx"):
       if hasattr(k, attr):
         parts.append(str(getattr(k, attr)))

@@ -317,3 +317,19 @@ def test_weight_decay_mask_applies_to_both_branches():
   chex.assert_trees_all_close(u["b"], -0.5 * 0.1 * params["b"], atol=1e-7)
   chex.assert_trees_all_equal(u["v"], jnp.zeros_like(params["v"]))
   chex.assert_trees_all_equal(u["c"], jnp.zeros_like(params["c"]))
+
+
+def test_nnx_variables_route_like_plain_arrays():
+  """nnx.Optimizer.init passes nnx.Param variables (paths end in '.value'); update passes
+  arrays. Both must get the same labels, or optax.partition's states do not line up."""
+  from flax import nnx
+
+  attn = nnx.MultiHeadAttention(num_heads=2, in_features=8, decode=False, rngs=nnx.Rngs(0))
+  wrapped = nnx.state(attn, nnx.Param)
+  plain = nnx.to_pure_dict(wrapped)
+  assert jax.tree.leaves(mc.default_param_labels(wrapped)) == jax.tree.leaves(
+      mc.default_param_labels(plain))
+  assert mc.default_param_labels(plain)["query"]["bias"] == "adamw"
+  opt = nnx.Optimizer(attn, mc.muon(1e-2), wrt=nnx.Param)
+  grads = jax.tree.map(jnp.ones_like, nnx.state(attn, nnx.Param))
+  opt.update(attn, grads)
