@@ -251,7 +251,11 @@ def dot_product_attention(
   if is_causal:
     full_mask = _combine(full_mask, _causal_mask(q_len, kv_len))
 
-  if module is not None:
+  # The statistic shares the softmax's row maxima when it is taken from the
+  # softmax input itself (no soft-cap, no bias unless asked): XLA then computes
+  # the row max once and the statistic costs a reduction over rows only.
+  shared_rowmax = logit_soft_cap is None and (bias is None or stats_include_bias)
+  if module is not None and not shared_rowmax:
     stat_logits = logits + bias if (stats_include_bias and bias is not None) else logits
     sow_max_logits(module, head_max_logits(stat_logits, mask=full_mask), name=sow_name)
 
@@ -259,8 +263,16 @@ def dot_product_attention(
     logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
   if bias is not None:
     logits = logits + bias
+  big_neg = jnp.finfo(dtype).min
   if full_mask is not None:
-    logits = jnp.where(full_mask, logits, jnp.finfo(dtype).min)
+    logits = jnp.where(full_mask, logits, big_neg)
+
+  if module is not None and shared_rowmax:
+    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
+    head_max = jnp.max(row_max, axis=tuple(a for a in range(row_max.ndim) if a != row_max.ndim - 3))
+    # A head whose every logit is masked reads big_neg: report -inf (skipped by QK-Clip).
+    head_max = jnp.where(head_max > big_neg, head_max.astype(jnp.float32), -jnp.inf)
+    sow_max_logits(module, head_max, name=sow_name)
 
   if force_fp32_for_softmax and dtype != jnp.float32:
     weights = jax.nn.softmax(logits.astype(jnp.float32))
