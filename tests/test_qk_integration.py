@@ -52,14 +52,7 @@ def _muonclip(tau: float) -> optax.GradientTransformationExtraArgs:
   return mc.muonclip(0.0, tau=tau)
 
 
-@pytest.mark.parametrize("make_tx", [
-    _sgd_then_clip,
-    pytest.param(_muonclip, marks=pytest.mark.xfail(
-        raises=ValueError, strict=False,
-        reason="muon routing: nnx.Optimizer.init passes nnx.Param Variables, whose key "
-               "paths end in '.value' (_dimensions.path_str), so a 2-D 'key/bias' is "
-               "labelled 'muon' at init and 'adamw' at update")),
-])
+@pytest.mark.parametrize("make_tx", [_sgd_then_clip, _muonclip])
 def test_nnx_optimizer_forwards_max_logits_under_jit(make_tx):
   model = NNXModel(rngs=nnx.Rngs(0))
   x = 3 * jax.random.normal(jax.random.key(1), (B, L, E))
