@@ -356,7 +356,10 @@ def qk_clip(
       schedule when this transform is chained *after* ``MultiSteps``: the
       statistics are max-reduced over the micro-steps in the state and the clip
       is applied once, on the micro-step where the accumulated update is
-      emitted (an int, or a function of the clipping-step count).
+      emitted (an int, or a function of the clipping-step count). It counts
+      micro-steps itself, so it must match ``MultiSteps``'s schedule, and
+      ``MultiSteps(should_skip_update_fn=...)`` (skipped micro-steps) is not
+      supported.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
