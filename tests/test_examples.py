@@ -108,8 +108,10 @@ def test_qk_clip_finds_every_head_of_the_model(kv_heads: int | None,
   this holds only if QK-Clip found every layer's kernels (MHA, GQA, MQA).
   """
   model = lm.ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=kv_heads)
-  probe = lm.Trainer(tiny_run("muon", model=model), data)
-  tau = float(np.median(_post_step_logits(probe, 0)))  # half the heads exceed tau
+  graphdef, params = lm.init_model(model, 0)
+  x0, _ = data.train_batch(0, 0, 4)
+  _, stats0 = lm.apply_model(graphdef, params, jnp.asarray(x0))
+  tau = float(np.median(lm.head_max_logits(stats0, 2)))  # half the heads exceed tau
   trainer = lm.Trainer(tiny_run("muonclip", tau=tau, lr=0.0, weight_decay=0.0, model=model),
                        data)
   old = jax.tree.map(np.array, trainer.params)
