@@ -12,7 +12,7 @@ Examples::
 
   python examples/train_lm.py                                   # MuonClip, tau=100
   python examples/train_lm.py --optimizer adamw --lr 3e-3
-  python examples/train_lm.py --tau 20 --lr 0.02 --steps 600    # watch QK-Clip act
+  python examples/train_lm.py --tau 20                          # QK-Clip acts (logits reach ~25)
   python examples/train_lm.py --kv-heads 2                      # GQA
   python examples/train_lm.py --mesh 4x2 --batch 16             # 8 host devices
   python examples/train_lm.py --ckpt-dir /tmp/ck --steps 100    # then:
