@@ -7,6 +7,7 @@ process, round by round.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
@@ -85,3 +86,19 @@ def write_section(name: str, markdown: str) -> None:
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
   line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"
   return "\n".join([line(headers), line(["---"] * len(headers))] + [line(r) for r in rows])
+
+
+def add_study_args(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -> None:
+  """The model, data and evaluation flags the training studies share."""
+  p.add_argument("--steps", type=int, default=steps)
+  p.add_argument("--warmup", type=int, default=20)
+  p.add_argument("--batch", type=int, default=16)
+  p.add_argument("--seq-len", type=int, default=64)
+  p.add_argument("--d-model", type=int, default=128)
+  p.add_argument("--layers", type=int, default=2)
+  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+  p.add_argument("--eval-every", type=int, default=eval_every)
+  p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--quick", action="store_true",
+                 help="tiny smoke run; leaves RESULTS.md and the plots alone")

@@ -177,18 +177,7 @@ def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, dict[str, Any
   p.add_argument("--tau", type=float, default=100.0)
   p.add_argument("--lr", type=float, default=0.02)
   p.add_argument("--weight-decay", type=float, default=0.0)
-  p.add_argument("--steps", type=int, default=500)
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seq-len", type=int, default=64)
-  p.add_argument("--d-model", type=int, default=128)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-  p.add_argument("--eval-every", type=int, default=25)
-  p.add_argument("--eval-batches", type=int, default=8)
-  p.add_argument("--quick", action="store_true",
-                 help="tiny smoke run; leaves RESULTS.md and the plots alone")
+  _common.add_study_args(p, steps=500, eval_every=25)
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.d_model, args.layers, args.seq_len, args.batch = 6, 32, 1, 16, 4

@@ -194,23 +194,12 @@ Machine: {_common.machine()}. Command: `python -m benchmarks.token_efficiency`.
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the study (see the module docstring); returns the analysis."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--steps", type=int, default=400)
   p.add_argument("--adamw-lrs", type=float, nargs="+", default=[2e-3, 2.8e-3, 4e-3, 5.6e-3, 8e-3])
   p.add_argument("--muon-lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2],
                  help="sweep for Muon and MuonClip")
   p.add_argument("--tau", type=float, default=20.0)
   p.add_argument("--weight-decay", type=float, default=0.1)
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seq-len", type=int, default=64)
-  p.add_argument("--d-model", type=int, default=128)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-  p.add_argument("--eval-every", type=int, default=20)
-  p.add_argument("--eval-batches", type=int, default=8)
-  p.add_argument("--quick", action="store_true",
-                 help="tiny smoke run; leaves RESULTS.md and the plots alone")
+  _common.add_study_args(p, steps=400, eval_every=20)
   args = p.parse_args(argv)
   if args.quick:
     args.steps, args.d_model, args.layers, args.seq_len, args.batch = 8, 32, 1, 16, 4
