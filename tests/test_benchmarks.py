@@ -1,0 +1,44 @@
+"""Smoke runs of the benchmarks and studies (tiny settings; no timing is asserted, and
+RESULTS.md is left alone)."""
+
+import math
+
+import numpy as np
+
+from benchmarks import logit_explosion, muon_step, newton_schulz, token_efficiency
+
+
+def test_newton_schulz_benchmark_row():
+  row = newton_schulz.measure_shape(768, 2304, np.dtype("float32"), 1,
+                                    np.random.default_rng(0))
+  assert row[0] == "768x2304" and row[1] == "gram"
+  assert float(row[2]) > 1.4  # the Gram path's FLOP saving on this shape
+
+
+def test_muon_step_benchmark_runs():
+  md = muon_step.run(layers=1, rounds=1)
+  assert "optax.contrib.muon" in md and "Ratio ours / optax.contrib.muon" in md
+
+
+def test_logit_explosion_quick():
+  results = logit_explosion.main(["--quick"])
+  assert set(results) == {0}
+  assert set(results[0]) >= {"muon", "muonclip"}
+
+
+def test_token_efficiency_quick():
+  out = token_efficiency.main(["--quick", "--adamw-lrs", "3e-3", "--muon-lrs", "1e-2"])
+  assert out
+  flat = [v for v in _numbers(out)]
+  assert flat and all(math.isfinite(v) for v in flat)
+
+
+def _numbers(tree):
+  if isinstance(tree, dict):
+    for v in tree.values():
+      yield from _numbers(v)
+  elif isinstance(tree, (list, tuple)):
+    for v in tree:
+      yield from _numbers(v)
+  elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
+    yield float(tree)
