@@ -58,17 +58,17 @@ def path_str(path: Sequence[Any]) -> str:
   ``nnx.Optimizer`` passes them to ``init``) is dropped, so a parameter has the
   same path wrapped or not.
   """
-  parts = []
-  for k in path:
-    if isinstance(k, jax.tree_util.GetAttrKey) and k.name in ("value", "raw_value"):
-      continue
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return "/".join(parts)
+  return "/".join(key_str(k) for k in path
+                  if not (isinstance(k, jax.tree_util.GetAttrKey)
+                          and k.name in ("value", "raw_value")))
+
+
+def key_str(k: Any) -> str:
+  """The name of one pytree key: a dict key, an attribute name or a sequence index."""
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
 
 
 def _components(path: str) -> list[str]:

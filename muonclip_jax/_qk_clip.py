@@ -76,6 +76,7 @@ import optax
 from flax import nnx
 
 from muonclip_jax._attention import MAX_LOGITS
+from muonclip_jax._dimensions import key_str
 from muonclip_jax._qk_layouts import (
   GQA_SHARINGS,
   GQASharing,
@@ -127,13 +128,6 @@ class QKClipState(NamedTuple):
 # Trees, paths and statistics.
 
 
-def _key_str(k: Any) -> str:
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
 def _is_var(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -145,7 +139,7 @@ def _unwrap(x: Any) -> Any:
 def _flatten(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
   """``[(path, leaf)]`` with string keys (nnx Variables are unwrapped) and the treedef."""
   leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)
-  return [(tuple(_key_str(k) for k in p), leaf) for p, leaf in leaves], treedef
+  return [(tuple(key_str(k) for k in p), leaf) for p, leaf in leaves], treedef
 
 
 def _param_prefix(paths: list[Path]) -> int:
