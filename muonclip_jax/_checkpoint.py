@@ -1,40 +1,57 @@
-"""Sharded checkpoints of parameters and the whole optimizer state, with Orbax.
+"""Sharded, verified, preemption-safe checkpoints of parameters and optimizer state (Orbax).
 
 One :class:`orbax.checkpoint.CheckpointManager` step holds two items, saved
 with Orbax's own ``StandardSave`` (``args.Composite``): ``params`` and
 ``opt_state`` (optax NamedTuples, ``MaskedNode``, partition and QK-Clip
 states). Every array is written from its shards and read back into the
-sharding of the target it is restored onto, so restoring onto the same mesh
-gives the same arrays, bit for bit, on the same devices: continuing from a
-restored step runs the same compiled program on the same values as never
-stopping.
+sharding of the target it is restored onto: the same mesh gives the same
+arrays bit for bit (resuming runs the same compiled program on the same
+values), and another mesh or process count reshards on read.
 
-Integrity. Orbax finalises a step atomically (a crash mid-save leaves a
-temporary directory that ``all_steps`` ignores), but a finalised step can
-still lose or damage files afterwards (a full disk, a partial copy, a deleted
-shard), and Orbax then fails deep in TensorStore, sometimes without naming
-the step, or (for a damaged chunk without a checksum) not at all.
-:func:`save_checkpoint` therefore writes a manifest (size and SHA-256 of every
-file of the step) once the step is final; :func:`restore_checkpoint` checks it
-first and raises :class:`CheckpointError` naming the step and the file.
-:func:`restore_latest_valid` walks back from the newest step to the newest
-one that verifies and restores, so an earlier checkpoint stays usable (keep
-``max_to_keep >= 2``). To save a step number again after falling back,
-``manager.delete(step)`` the damaged one first.
+Life of a step (:func:`save_checkpoint`, every process, shared storage):
+
+1. Orbax copies the arrays to host memory and returns; the train loop goes on
+   while each process writes its own shards in the background
+   (``enable_async_checkpointing=True``, the default).
+2. Once every process has written, the primary process (0) merges the shards
+   (Orbax ``finalize``) and then, still inside the step's temporary
+   directory, writes the manifest: size and SHA-256 of every file of both
+   items (:data:`MANIFEST`). This runs in Orbax's own finalisation thread, as
+   its ``AsyncOptions.post_finalization_callback``.
+3. Orbax commits the step (atomic rename, or its commit file on object
+   stores), and only then deletes steps beyond ``max_to_keep``.
+
+So a step is visible only with its manifest, a job killed at any moment
+leaves either the previous steps or the new one complete, and the step it was
+writing stays a temporary directory, which the next manager deletes
+(``cleanup_tmp_directories``).
+
+Restoring (:func:`restore_checkpoint`, :func:`restore_latest_valid`) checks a
+step against its manifest first: each process checks its share of the files
+and the verdicts are gathered, so every process reports the same file and
+every process falls back to the same step. Orbax fails deep in TensorStore on
+damaged files, sometimes without naming the step, or (a damaged chunk without
+a checksum) not at all; the manifest names the step and the file.
+
+All file access goes through :mod:`etils.epath`, so ``gs://`` and other
+remote paths work like local ones.
+
+Multi-process rules (``jax.distributed``): every function here is called by
+every process with the same arguments (they contain collectives and Orbax
+barriers), and the directory must be storage that every process reads and
+writes (a shared file system or a bucket). Arrays must be global
+``jax.Array``s on the mesh: scalars of the state too (replicate them,
+``NamedSharding(mesh, P())``), as a single-device array is not one value
+across processes.
 
 Usage::
 
-  manager = make_checkpoint_manager("/ckpt", max_to_keep=3)
-  save_checkpoint(manager, step, params, opt_state)
-  ...
-  step, params, opt_state = restore_latest_valid(manager, params, opt_state)
-
-``params_like``/``opt_state_like`` are live arrays or ``jax.ShapeDtypeStruct``
-with ``sharding`` (for instance from ``jax.eval_shape`` of the initialiser
-with the shardings attached); scalars of the state (AdamW's ``count``) should
-sit on the mesh like the step function's outputs (initialise under
-``jax.set_mesh(mesh)`` and ``jax.jit``) so the restored state compiles to the
-same program. Single-process: the manifest covers the files this process sees.
+  manager = make_checkpoint_manager("gs://bucket/run/ckpt", max_to_keep=3)
+  step, params, opt_state = restore_latest_valid(manager, params, opt_state)  # resume
+  for step in range(step + 1, steps + 1):
+    params, opt_state = train_step(params, opt_state, batch(step))
+    save_checkpoint(manager, step, params, opt_state)  # returns while Orbax writes
+  manager.close()  # waits for the last save
 """
 
 from __future__ import annotations
@@ -43,16 +60,19 @@ import hashlib
 import json
 import os
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from jax.experimental import multihost_utils
 
 __all__ = [
     "MANIFEST",
     "CheckpointError",
+    "MuonClipCheckpointManager",
     "make_checkpoint_manager",
     "restore_checkpoint",
     "restore_latest_valid",
@@ -63,6 +83,8 @@ __all__ = [
 MANIFEST = "muonclip_manifest.json"
 ITEMS = ("params", "opt_state")
 _CHUNK = 1 << 20
+# Verdicts of one file, gathered across processes (the largest wins).
+_OK, _MISSING, _SIZE, _HASH = 0, 1, 2, 3
 
 
 class CheckpointError(RuntimeError):
@@ -80,122 +102,262 @@ class CheckpointError(RuntimeError):
     super().__init__(f"{where}: {reason}")
 
 
-def make_checkpoint_manager(directory: str | os.PathLike, *, max_to_keep: int | None = 3,
+class MuonClipCheckpointManager(ocp.CheckpointManager):
+  """An Orbax ``CheckpointManager`` whose every saved step carries a manifest.
+
+  Build it with :func:`make_checkpoint_manager`. It is an ordinary Orbax
+  manager (``save``, ``restore``, ``all_steps``, ``wait_until_finished``,
+  ``close``); what it adds runs in Orbax's finalisation thread on the primary
+  process, after the shards are merged and before the step is committed: the
+  manifest of the step's files (module docstring).
+
+  Attributes:
+    blocking: ``save`` waits until the step is committed (the manager was
+      made with ``enable_async_checkpointing=False``).
+  """
+
+  def __init__(self, directory: epath.PathLike, *, options: ocp.CheckpointManagerOptions,
+               blocking: bool = False):
+    async_options = ocp.AsyncOptions(post_finalization_callback=self._write_manifest)
+    options = ocp.CheckpointManagerOptions(**{
+        **{f: getattr(options, f) for f in options.__dataclass_fields__},
+        "enable_async_checkpointing": True, "async_options": async_options})
+    self.blocking = blocking
+    self._name_format = ocp.step.standard_name_format(
+        step_prefix=options.step_prefix,
+        step_format_fixed_length=options.step_format_fixed_length)
+    self._saving: int | None = None  # the step whose finalisation is pending
+    super().__init__(epath.Path(directory), options=options, item_names=ITEMS)
+
+  def save(self, step: int, *args: Any, **kwargs: Any) -> bool:
+    """Orbax's ``save``; the step gets its manifest when it is finalised."""
+    self.wait_until_finished()  # one step in flight: the callback's step is this one
+    self._saving = int(step)
+    saved = super().save(int(step), *args, **kwargs)
+    if saved and self.blocking:
+      self.wait_until_finished()
+    return saved
+
+  def step_path(self, step: int) -> epath.Path:
+    """The directory of a committed ``step``."""
+    return ocp.step.build_step_path(self.directory, self._name_format, int(step))
+
+  def _write_manifest(self) -> None:
+    """Orbax's post-finalisation callback: the manifest, before the commit."""
+    step = self._saving
+    if step is None:
+      raise RuntimeError("a step was finalised that this manager did not save")
+    final = self.step_path(step)
+    tmp = final.parent / (final.name + ocp.step.TMP_DIR_SUFFIX)
+    write_manifest(step, tmp if tmp.exists() else final)
+
+
+def make_checkpoint_manager(directory: str | os.PathLike[str], *, max_to_keep: int | None = 3,
                             save_interval_steps: int = 1,
-                            enable_async_checkpointing: bool = False) -> ocp.CheckpointManager:
-  """A :class:`orbax.checkpoint.CheckpointManager` for ``params`` and ``opt_state``.
+                            enable_async_checkpointing: bool = True
+                            ) -> MuonClipCheckpointManager:
+  """A checkpoint manager for ``params`` and ``opt_state`` (module docstring).
 
   Args:
-    directory: where step directories go (created if missing).
-    max_to_keep: steps kept (older ones are deleted); keep at least 2 so a
-      damaged newest step leaves one to fall back on. ``None`` keeps all.
+    directory: where step directories go (created if missing): a local path
+      or any path :mod:`etils.epath` knows (``gs://...``), shared by every
+      process.
+    max_to_keep: steps kept (older ones are deleted once a newer step is
+      committed); keep at least 2 so a damaged newest step leaves one to fall
+      back on. ``None`` keeps all.
     save_interval_steps: :func:`save_checkpoint` saves only steps that are a
       multiple of this (unless ``force``).
-    enable_async_checkpointing: write in the background; :func:`save_checkpoint`
-      still waits for the step to be final to write its manifest.
+    enable_async_checkpointing: :func:`save_checkpoint` returns once the
+      arrays are copied to host memory and writes in the background; with
+      ``False`` it returns once the step is committed.
 
   Returns:
-    The manager (close it with ``manager.close()``).
+    The manager. Temporary directories left by a job killed mid-save are
+    deleted in the background from its construction on. Close it with
+    ``manager.close()``, which waits for a save in flight.
+
+  Raises:
+    ValueError: ``max_to_keep`` or ``save_interval_steps`` below 1.
   """
   if max_to_keep is not None and max_to_keep < 1:
     raise ValueError(f"max_to_keep: expected None or >= 1, got {max_to_keep}")
+  if save_interval_steps < 1:
+    raise ValueError(f"save_interval_steps: expected >= 1, got {save_interval_steps}")
   options = ocp.CheckpointManagerOptions(
       max_to_keep=max_to_keep, save_interval_steps=save_interval_steps, create=True,
-      enable_async_checkpointing=enable_async_checkpointing)
-  return ocp.CheckpointManager(epath.Path(directory), options=options, item_names=ITEMS)
+      cleanup_tmp_directories=True)
+  return MuonClipCheckpointManager(directory, options=options,
+                                   blocking=not enable_async_checkpointing)
 
 
-def _step_dir(manager: ocp.CheckpointManager, step: int) -> epath.Path:
-  opts = manager._options  # The manager's own naming of step directories.
-  name_format = opts.step_name_format or ocp.step.standard_name_format(
-      step_prefix=opts.step_prefix, step_format_fixed_length=opts.step_format_fixed_length)
-  try:
-    return ocp.step.find_step_path(manager.directory, name_format, step=step)
-  except ValueError as e:
-    raise CheckpointError(step, manager.directory, "no finalised step directory") from e
+def _require(manager: Any) -> MuonClipCheckpointManager:
+  if not isinstance(manager, MuonClipCheckpointManager):
+    raise TypeError("manager: expected the manager of muonclip_jax.make_checkpoint_manager "
+                    f"(which writes the manifests), got {type(manager).__name__}")
+  return manager
 
 
-def _files(root: epath.Path) -> Iterable[tuple[str, epath.Path]]:
-  for dirpath, _, names in os.walk(os.fspath(root)):
-    for name in names:
-      full = epath.Path(dirpath) / name
-      rel = os.path.relpath(os.fspath(full), os.fspath(root))
-      if rel != MANIFEST:
-        yield rel, full
+# --------------------------------------------------------------------------
+# The manifest.
+
+
+def _files(root: epath.Path) -> Iterator[tuple[str, epath.Path]]:
+  """``(path relative to root, path)`` of every file of the items, in order."""
+  for item in ITEMS:
+    base = root / item
+    if not base.exists():
+      continue
+    for dirpath, _, names in base.walk():
+      for name in names:
+        full = epath.Path(dirpath) / name
+        yield full.relative_to(root).as_posix(), full
 
 
 def _sha256(path: epath.Path) -> str:
   h = hashlib.sha256()
-  with open(os.fspath(path), "rb") as f:
+  with path.open("rb") as f:
     while chunk := f.read(_CHUNK):
       h.update(chunk)
   return h.hexdigest()
 
 
-def _write_manifest(step: int, root: epath.Path) -> None:
-  files = {rel: {"size": os.path.getsize(os.fspath(p)), "sha256": _sha256(p)}
+def write_manifest(step: int, root: epath.Path) -> None:
+  """Writes :data:`MANIFEST` (size and SHA-256 of every item file) into ``root``."""
+  files = {rel: {"size": p.stat().length, "sha256": _sha256(p)}
            for rel, p in sorted(_files(root))}
-  tmp = root / (MANIFEST + ".tmp")
-  tmp.write_text(json.dumps({"step": step, "files": files}, indent=1))
-  os.replace(os.fspath(tmp), os.fspath(root / MANIFEST))
+  for item in ITEMS:
+    if not any(rel.startswith(item + "/") for rel in files):
+      raise CheckpointError(step, root / item, f"item {item!r} has no files to record")
+  (root / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
 
 
-def save_checkpoint(manager: ocp.CheckpointManager, step: int, params: Any, opt_state: Any,
-                    *, force: bool = False) -> bool:
-  """Saves ``params`` and ``opt_state`` (sharded) as ``step``, then its manifest.
+def _check_file(full: epath.Path, meta: dict[str, Any], check_hashes: bool) -> int:
+  if not full.exists():
+    return _MISSING
+  if full.stat().length != meta["size"]:
+    return _SIZE
+  if check_hashes and _sha256(full) != meta["sha256"]:
+    return _HASH
+  return _OK
+
+
+def _gather_max(codes: np.ndarray) -> np.ndarray:
+  """Elementwise max of ``codes`` over processes (the same result on every process)."""
+  if jax.process_count() == 1:
+    return codes
+  return np.asarray(multihost_utils.process_allgather(codes)).max(axis=0)
+
+
+def _read_manifest(step: int, path: epath.Path) -> tuple[dict[str, Any], bytes]:
+  try:
+    raw = path.read_bytes()
+  except FileNotFoundError:
+    raise CheckpointError(step, path, "no manifest: the save did not finish, or the step "
+                          "was not written by save_checkpoint") from None
+  try:
+    files = json.loads(raw)["files"]
+    if not isinstance(files, dict):
+      raise TypeError("'files' is not a mapping")
+  except (ValueError, KeyError, TypeError) as e:
+    raise CheckpointError(step, path, f"unreadable manifest ({e})") from e
+  return files, raw
+
+
+def _agreed_manifest(step: int, path: epath.Path) -> dict[str, Any]:
+  """The manifest every process read, or the same error on every process."""
+  try:
+    files, raw = _read_manifest(step, path)
+    status = np.frombuffer(hashlib.sha256(raw).digest(), np.uint8).astype(np.int32)
+  except CheckpointError as e:
+    files, error = {}, e
+    status = np.full(32, -1, np.int32)
+  everyone = (np.asarray(multihost_utils.process_allgather(status))
+              if jax.process_count() > 1 else status[None])
+  if (everyone < 0).any():
+    bad = int(np.argmax((everyone < 0).any(axis=1)))
+    if bad == jax.process_index():
+      raise error
+    raise CheckpointError(step, path, f"process {bad} could not read the manifest")
+  if (everyone != everyone[0]).any():
+    raise CheckpointError(step, path, "processes read different manifests")
+  return files
+
+
+def verify_checkpoint(manager: MuonClipCheckpointManager, step: int, *,
+                      check_hashes: bool = True) -> None:
+  """Checks ``step`` against its manifest, on every process.
+
+  Each process checks its share of the files (size, and with ``check_hashes``
+  the SHA-256) and the verdicts are gathered, so the same error is raised on
+  every process.
 
   Args:
     manager: from :func:`make_checkpoint_manager`.
-    step: the training step.
-    params: the parameters (sharded ``jax.Array`` leaves).
-    opt_state: the whole optimizer state.
-    force: save even if ``step`` is not on the manager's save interval.
-
-  Returns:
-    Whether a checkpoint was written.
-  """
-  saved = manager.save(int(step), args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
-      force=force)
-  if saved:
-    manager.wait_until_finished()
-    if jax.process_index() == 0:
-      _write_manifest(int(step), _step_dir(manager, int(step)))
-  return saved
-
-
-def verify_checkpoint(manager: ocp.CheckpointManager, step: int, *,
-                      check_hashes: bool = True) -> None:
-  """Checks ``step`` against its manifest.
+    step: a committed step.
+    check_hashes: also compare contents (reads every file once, split over
+      the processes); ``False`` checks presence and sizes only.
 
   Raises:
     CheckpointError: naming the step and the file, for a missing step,
       manifest or file, a file of the wrong size (truncated) or, with
       ``check_hashes``, with changed contents.
   """
-  root = _step_dir(manager, step)
-  path = root / MANIFEST
-  if not path.exists():
-    raise CheckpointError(step, path, "no manifest: the save did not finish, or the step "
-                          "was not written by save_checkpoint")
-  try:
-    manifest = json.loads(path.read_text())
-    files = manifest["files"]
-  except (ValueError, KeyError, TypeError) as e:
-    raise CheckpointError(step, path, f"unreadable manifest ({e})") from e
+  manager = _require(manager)
+  step = int(step)
+  root = manager.step_path(step)
+  files = _agreed_manifest(step, root / MANIFEST)
   for item in ITEMS:
-    if not any(rel.split(os.sep)[0] == item for rel in files):
+    if not any(rel.startswith(item + "/") for rel in files):
       raise CheckpointError(step, root / item, f"item {item!r} is not in the manifest")
-  for rel, meta in files.items():
-    full = root / rel
-    if not full.exists():
-      raise CheckpointError(step, full, "file is missing")
-    size = os.path.getsize(os.fspath(full))
-    if size != meta["size"]:
-      raise CheckpointError(step, full, f"file has {size} bytes, the save wrote "
-                            f"{meta['size']} (truncated or overwritten)")
-    if check_hashes and _sha256(full) != meta["sha256"]:
-      raise CheckpointError(step, full, "file contents changed since the save (SHA-256)")
+  names = sorted(files)
+  codes = np.zeros(len(names), np.int32)
+  me, count = jax.process_index(), jax.process_count()
+  for i in range(me, len(names), count):
+    codes[i] = _check_file(root / names[i], files[names[i]], check_hashes)
+  codes = _gather_max(codes)
+  bad = np.flatnonzero(codes)
+  if not bad.size:
+    return
+  i = int(bad[0])
+  full, size = root / names[i], files[names[i]]["size"]
+  reason = {_MISSING: "file is missing",
+            _SIZE: f"file size differs from the {size} bytes the save wrote "
+                   "(truncated or overwritten)",
+            _HASH: "file contents changed since the save (SHA-256)"}[int(codes[i])]
+  raise CheckpointError(step, full, reason)
+
+
+# --------------------------------------------------------------------------
+# Save and restore.
+
+
+def save_checkpoint(manager: MuonClipCheckpointManager, step: int, params: Any,
+                    opt_state: Any, *, force: bool = False) -> bool:
+  """Saves ``params`` and ``opt_state`` (sharded) as ``step``; every process calls it.
+
+  With an asynchronous manager (the default) it returns once the arrays are
+  copied to host memory; the files, the manifest and the commit follow in the
+  background, and the next save, restore or ``manager.close()`` waits for
+  them. The donated buffers of a jitted train step may be reused at once.
+
+  Args:
+    manager: from :func:`make_checkpoint_manager`.
+    step: the training step.
+    params: the parameters (global ``jax.Array`` leaves).
+    opt_state: the whole optimizer state.
+    force: save even if ``step`` is not on the manager's save interval.
+
+  Returns:
+    Whether a save was started: ``False`` off the save interval, or for a
+    step not newer than the newest committed one (Orbax's rule).
+
+  Raises:
+    TypeError: ``manager`` is not from :func:`make_checkpoint_manager`.
+  """
+  manager = _require(manager)
+  return manager.save(int(step), args=ocp.args.Composite(
+      params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
+      force=force)
 
 
 def _abstract(tree: Any) -> Any:
@@ -207,10 +369,14 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(leaf, tree)
 
 
-def restore_checkpoint(manager: ocp.CheckpointManager, params_like: Any,
+def restore_checkpoint(manager: MuonClipCheckpointManager, params_like: Any,
                        opt_state_like: Any, step: int | None = None, *,
                        verify: bool = True) -> tuple[Any, Any]:
   """Restores ``(params, opt_state)`` with the shapes, dtypes and shardings of the targets.
+
+  Every process calls it. Waits for a save in flight first. The targets may
+  live on another mesh, or another number of processes, than the save's:
+  Orbax reads each target shard from the saved ones.
 
   Args:
     manager: from :func:`make_checkpoint_manager`.
@@ -226,12 +392,19 @@ def restore_checkpoint(manager: ocp.CheckpointManager, params_like: Any,
     CheckpointError: no checkpoint, or the step is incomplete or damaged (the
       message names the step and the file), or Orbax cannot read it.
   """
+  manager = _require(manager)
+  manager.wait_until_finished()
   if step is None:
-    step = manager.latest_step()
-    if step is None:
+    manager.reload()
+    steps = _agreed_steps(manager)
+    if not steps:
       raise CheckpointError(None, manager.directory, "no checkpoint to restore")
-  step = int(step)
-  root = _step_dir(manager, step)
+    step = steps[-1]
+  return _restore(manager, int(step), params_like, opt_state_like, verify)
+
+
+def _restore(manager: MuonClipCheckpointManager, step: int, params_like: Any,
+             opt_state_like: Any, verify: bool) -> tuple[Any, Any]:
   if verify:
     verify_checkpoint(manager, step)
   try:
@@ -239,14 +412,38 @@ def restore_checkpoint(manager: ocp.CheckpointManager, params_like: Any,
         params=ocp.args.StandardRestore(_abstract(params_like)),
         opt_state=ocp.args.StandardRestore(_abstract(opt_state_like))))
   except Exception as e:  # Orbax/TensorStore raise many types; name the step instead.
-    raise CheckpointError(step, root, f"Orbax could not restore it: {type(e).__name__}: "
-                          f"{e}") from e
+    raise CheckpointError(step, manager.step_path(step), "Orbax could not restore it: "
+                          f"{type(e).__name__}: {e}") from e
   return out["params"], out["opt_state"]
 
 
-def restore_latest_valid(manager: ocp.CheckpointManager, params_like: Any,
-                         opt_state_like: Any) -> tuple[int, Any, Any]:
+def _agreed_steps(manager: MuonClipCheckpointManager) -> list[int]:
+  """Process 0's list of committed steps, on every process (ascending)."""
+  steps = sorted(int(s) for s in manager.all_steps())
+  if jax.process_count() == 1:
+    return steps
+  n = int(multihost_utils.broadcast_one_to_all(np.int32(len(steps))))
+  padded = np.zeros(n, np.int64)
+  if jax.process_index() == 0:
+    padded[:] = steps
+  return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+
+def restore_latest_valid(manager: MuonClipCheckpointManager, params_like: Any,
+                         opt_state_like: Any, *, delete_invalid: bool = True
+                         ) -> tuple[int, Any, Any]:
   """The newest step that verifies and restores, skipping damaged ones (with a warning).
+
+  Every process calls it and every process gets the same step: the steps are
+  process 0's listing, and each verdict is gathered from all processes.
+
+  Args:
+    manager: from :func:`make_checkpoint_manager`.
+    params_like, opt_state_like: as for :func:`restore_checkpoint`.
+    delete_invalid: delete the steps newer than the restored one that failed
+      (after the warning). Orbax saves only steps newer than the newest one on
+      disk, so a damaged newest step left in place would silently stop every
+      save of a resumed run until it passed that step number.
 
   Returns:
     ``(step, params, opt_state)``.
@@ -254,15 +451,29 @@ def restore_latest_valid(manager: ocp.CheckpointManager, params_like: Any,
   Raises:
     CheckpointError: when no step is usable (listing why each failed).
   """
+  manager = _require(manager)
+  manager.wait_until_finished()
   manager.reload()
-  errors = []
-  for step in sorted(manager.all_steps(), reverse=True):
+  errors: list[str] = []
+  failed: list[int] = []
+  for step in reversed(_agreed_steps(manager)):
     try:
-      params, opt_state = restore_checkpoint(manager, params_like, opt_state_like, step)
+      params, opt_state = _restore(manager, step, params_like, opt_state_like, True)
     except CheckpointError as e:
       warnings.warn(f"skipping {e}", RuntimeWarning, stacklevel=2)
       errors.append(str(e))
+      failed.append(step)
       continue
+    if delete_invalid:
+      _delete(manager, failed)
     return step, params, opt_state
   reason = "no usable checkpoint" + (": " + "; ".join(errors) if errors else "")
   raise CheckpointError(None, manager.directory, reason)
+
+
+def _delete(manager: MuonClipCheckpointManager, steps: Sequence[int]) -> None:
+  for step in steps:
+    warnings.warn(f"deleting checkpoint step {step} at {manager.step_path(step)}, which "
+                  "failed verification, so that the run can save that step again",
+                  RuntimeWarning, stacklevel=3)
+    manager.delete(step)

@@ -1,7 +1,8 @@
-"""Sharded Orbax checkpoints: exact round trip, bitwise resume, damaged steps.
+"""Sharded Orbax checkpoints: exact round trip, bitwise resume, damaged steps, atomic manifests.
 
 Eight host CPU devices (conftest.py), a ('data', 'model') mesh, MuonClip with
 ``mesh=`` (Muon, AdamW and QK-Clip states, MaskedNode leaves, a bf16 momentum).
+Several processes: tests/test_multiprocess.py.
 """
 
 import os
@@ -11,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -113,6 +115,7 @@ def test_damaged_latest_step_is_reported_and_previous_stays_usable(tmp_path, dam
   for _ in range(3):
     p6, s6 = train_step(p6, s6)
   mc.save_checkpoint(manager, 6, p6, s6)
+  manager.wait_until_finished()
 
   step_dir = tmp_path / "ckpt" / "6"
   target = _largest_file(step_dir, "opt_state")
@@ -140,6 +143,11 @@ def test_damaged_latest_step_is_reported_and_previous_stays_usable(tmp_path, dam
   assert step == 3
   _assert_same(rp, p3)
   _assert_same(rs, s3)
+  # The damaged step is gone, so the resumed run can save step 6 again.
+  assert manager.all_steps() == [3]
+  assert mc.save_checkpoint(manager, 6, p6, s6)
+  manager.wait_until_finished()
+  mc.verify_checkpoint(manager, 6)
   manager.close()
 
 
@@ -151,3 +159,66 @@ def test_no_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(mc.CheckpointError, match="no usable checkpoint"):
     mc.restore_latest_valid(manager, params, state)
   manager.close()
+
+
+def test_manifest_is_written_before_the_step_is_committed(tmp_path, monkeypatch):
+  """The manifest lands in Orbax's temporary directory, so it commits with the step."""
+  from muonclip_jax import _checkpoint
+  seen = []
+  real = _checkpoint.write_manifest
+  monkeypatch.setattr(_checkpoint, "write_manifest",
+                      lambda step, root: (seen.append((step, root.name,
+                                                       (root.parent / str(step)).exists())),
+                                          real(step, root)))
+  _, _, params, state, _ = _setup()
+  manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
+  assert mc.save_checkpoint(manager, 1, params, state)
+  manager.wait_until_finished()
+  assert seen == [(1, "1" + ocp.step.TMP_DIR_SUFFIX, False)]
+  mc.verify_checkpoint(manager, 1)
+  manager.close()
+
+
+def test_a_step_whose_finalisation_fails_is_never_visible(tmp_path, monkeypatch):
+  """A save that dies before its commit (here: the manifest fails) leaves the previous step.
+
+  Its temporary directory is deleted by the next manager, and the step number can
+  be saved again.
+  """
+  from muonclip_jax import _checkpoint
+  _, _, params, state, train_step = _setup()
+  manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
+  mc.save_checkpoint(manager, 1, params, state)
+  p2, s2 = train_step(params, state)
+  real = _checkpoint.write_manifest
+
+  def dies(step, root):
+    raise OSError("disk gone")
+
+  monkeypatch.setattr(_checkpoint, "write_manifest", dies)
+  mc.save_checkpoint(manager, 2, p2, s2)
+  with pytest.raises(Exception, match="disk gone"):
+    manager.wait_until_finished()
+  monkeypatch.setattr(_checkpoint, "write_manifest", real)
+  assert (tmp_path / "ckpt" / ("2" + ocp.step.TMP_DIR_SUFFIX)).exists()
+  manager.close()
+
+  manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
+  step, rp, _ = mc.restore_latest_valid(manager, params, state)
+  assert step == 1 and manager.all_steps() == [1]
+  _assert_same(rp, params)
+  assert mc.save_checkpoint(manager, 2, p2, s2)
+  manager.wait_until_finished()
+  assert manager.all_steps() == [1, 2]
+  assert not (tmp_path / "ckpt" / ("2" + ocp.step.TMP_DIR_SUFFIX)).exists()
+  manager.close()
+
+
+def test_an_orbax_manager_of_our_own_is_required(tmp_path):
+  _, _, params, state, _ = _setup()
+  plain = ocp.CheckpointManager(tmp_path / "plain", item_names=("params", "opt_state"))
+  with pytest.raises(TypeError, match="make_checkpoint_manager"):
+    mc.save_checkpoint(plain, 1, params, state)
+  plain.close()
+  with pytest.raises(ValueError, match="max_to_keep"):
+    mc.make_checkpoint_manager(tmp_path / "x", max_to_keep=0)
