@@ -38,8 +38,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 try:
@@ -133,23 +134,30 @@ class ByteData:
     w = part[idx].astype(np.int32)
     return w[:, :-1], w[:, 1:]
 
-  def train_batch(self, seed: int, step: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
+  def train_batch(self, seed: int, step: int, batch: int, rows: slice = slice(None)
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and targets ``(batch, seq_len)`` for training step ``step``.
 
     A pure function of ``(seed, step)``: resuming at ``step`` replays the batches.
+    ``rows`` selects rows of that global batch (a process's share of it): only
+    their windows are read.
     """
     rng = np.random.default_rng([seed, step])
     starts = rng.integers(0, len(self.train) - self.seq_len - 1, size=batch)
-    return self._windows(self.train, starts)
+    return self._windows(self.train, starts[rows])
 
-  def val_batches(self, batch: int, num_batches: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Up to ``num_batches`` fixed validation batches of evenly spaced windows."""
+  def val_batches(self, batch: int, num_batches: int, rows: slice = slice(None)
+                  ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Up to ``num_batches`` fixed validation batches of evenly spaced windows.
+
+    ``rows`` selects rows of each batch, as in :meth:`train_batch`.
+    """
     n_windows = (len(self.val) - 1) // self.seq_len
     n = max(1, min(num_batches, n_windows // batch))
     count = min(n * batch, n_windows)
     starts = np.linspace(0, len(self.val) - self.seq_len - 1, count).astype(np.int64)
     starts = np.resize(starts, n * batch)
-    return [self._windows(self.val, starts[i * batch:(i + 1) * batch]) for i in range(n)]
+    return [self._windows(self.val, starts[i * batch:(i + 1) * batch][rows]) for i in range(n)]
 
 
 # --------------------------------------------------------------------------
@@ -376,14 +384,23 @@ def uses_max_logits(name: str) -> bool:
 
 
 def make_mesh(shape: tuple[int, int]) -> Mesh:
-  """A ``('data', 'model')`` mesh of the first ``data * model`` devices."""
+  """A ``('data', 'model')`` mesh of the first ``data * model`` devices.
+
+  With several processes (``jax.distributed``) the mesh must span all devices
+  of all processes; ``jax.make_mesh`` orders them so that each process owns a
+  contiguous block of the ``data`` axis (its rows of the batch).
+  """
   data, model = shape
   n = data * model
   devices = jax.devices()
   if len(devices) < n:
     raise ValueError(f"mesh {data}x{model} needs {n} devices, found {len(devices)}; on CPU "
                      "set XLA_FLAGS=--xla_force_host_platform_device_count before jax starts")
-  return Mesh(np.array(devices[:n]).reshape(data, model), ("data", "model"))
+  if jax.process_count() > 1 and n != len(devices):
+    raise ValueError(f"mesh {data}x{model} must use all {len(devices)} devices of the "
+                     f"{jax.process_count()} processes")
+  return jax.make_mesh((data, model), ("data", "model"), axis_types=(AxisType.Auto,) * 2,
+                       devices=devices[:n])
 
 
 def param_spec(shape: Sequence[int], mesh: Mesh) -> P:
@@ -398,13 +415,58 @@ def param_spec(shape: Sequence[int], mesh: Mesh) -> P:
     spec[0] = "data"
   if shape[-1] % mesh.shape["model"] == 0 and mesh.shape["model"] > 1:
     spec[-1] = "model"
+  while spec and spec[-1] is None:  # P('data') as XLA writes it, not P('data', None):
+    spec.pop()                      # the same layout, but another jit cache key
   return P(*spec)
 
 
+def place(x: Any, sharding: NamedSharding) -> jax.Array:
+  """A global array from a host value that every process holds in full.
+
+  Each process copies only the shards of its own devices
+  (``jax.make_array_from_callback``), so this works across processes.
+  """
+  host = np.asarray(x)
+  return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
 def shard_params(params: Any, mesh: Mesh) -> Any:
-  """``params`` placed on ``mesh`` with :func:`param_spec`."""
-  return jax.tree.map(
-      lambda x: jax.device_put(x, NamedSharding(mesh, param_spec(x.shape, mesh))), params)
+  """``params`` (or the optimiser state) placed on ``mesh`` with :func:`param_spec`.
+
+  Host values and single-device arrays must be the same on every process;
+  arrays already on the mesh are resharded.
+  """
+  def put(x: Any) -> jax.Array:
+    want = NamedSharding(mesh, param_spec(x.shape, mesh))
+    if isinstance(getattr(x, "sharding", None), NamedSharding):
+      return x if x.sharding == want else jax.device_put(x, want)
+    return place(x, want)
+  return jax.tree.map(put, params)
+
+
+def constrain_to_mesh(tree: Any, mesh: Mesh) -> Any:
+  """Inside ``jax.jit``: every leaf of ``tree`` laid out as :func:`shard_params` lays it out.
+
+  The train step's outputs then have its inputs' shardings, so the next call
+  runs the same compiled program (XLA would otherwise pick, for instance,
+  ``P('model')`` for a replicated norm scale, and the second step recompiles).
+  """
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(
+      x, NamedSharding(mesh, param_spec(x.shape, mesh))), tree)
+
+
+def local_rows(sharding: NamedSharding, batch: int) -> slice:
+  """The rows of a ``(batch, ...)`` array sharded as ``sharding`` that this process holds.
+
+  Raises:
+    ValueError: they are not one contiguous block (a mesh whose ``data`` axis
+      interleaves processes), which per-process input does not support.
+  """
+  indices = sharding.addressable_devices_indices_map((batch, 1)).values()
+  rows = sorted({r for idx in indices for r in range(*idx[0].indices(batch))})
+  if rows != list(range(rows[0], rows[-1] + 1)):
+    raise ValueError(f"this process holds rows {rows} of the batch, not a contiguous block")
+  return slice(rows[0], rows[-1] + 1)
 
 
 # --------------------------------------------------------------------------
@@ -486,7 +548,11 @@ def _compiled(model: ModelConfig, optim: OptimConfig, mesh_shape: tuple[int, int
     extra = {"max_logits": stats} if with_stats else {}
     updates, opt_state = tx.update(grads, opt_state, params, **extra)
     params = optax.apply_updates(params, updates)
-    return params, opt_state, loss, head_max_logits(stats, num_layers)
+    heads = head_max_logits(stats, num_layers)
+    if mesh is not None:  # the inputs' layout; metrics replicated, for every process to read
+      params, opt_state = constrain_to_mesh((params, opt_state), mesh)
+      heads = jax.lax.with_sharding_constraint(heads, NamedSharding(mesh, P()))
+    return params, opt_state, loss, heads
 
   out = Compiled(mesh, graphdef, tx, jax.jit(train_step, donate_argnums=(0, 1)),
                  jax.jit(lambda p, x, y: loss_fn(graphdef, p, x, y)[0]))
@@ -525,29 +591,34 @@ class Trainer:
     self.params = params
     # Copies: optax may share one buffer between state leaves, which donation rejects.
     opt_state = jax.tree.map(jnp.copy, self.tx.init(params))
-    if self.mesh is not None:  # Leaves not laid out on the mesh (counters) are replicated.
-      replicated = NamedSharding(self.mesh, P())
-      opt_state = jax.tree.map(
-          lambda x: x if isinstance(x.sharding, NamedSharding) else
-          jax.device_put(x, replicated), opt_state)
+    if self.mesh is not None:  # the train step's layout (counters replicated)
+      opt_state = shard_params(opt_state, self.mesh)
     self.opt_state = opt_state
     self.step = 0
     self.metrics: dict[str, list[Any]] = {
         "step": [], "loss": [], "max_logit": [], "head_max_logit": [], "lr": [],
         "val_step": [], "val_loss": [], "time": []}
+    self._batch_sharding = (None if self.mesh is None
+                            else NamedSharding(self.mesh, P("data", None)))
+    self._rows = (slice(None) if self.mesh is None
+                  else local_rows(self._batch_sharding, cfg.batch))
     self._val = [tuple(self._put(a) for a in b)
-                 for b in data.val_batches(cfg.batch, cfg.eval_batches)]
+                 for b in data.val_batches(cfg.batch, cfg.eval_batches, self._rows)]
     self._lr = lr_schedule(cfg.optim.lr, cfg.optim)
 
-  def _put(self, a: np.ndarray) -> jax.Array:
-    """A host batch on the device, or sharded over the mesh's ``data`` axis."""
+  def _put(self, rows: np.ndarray) -> jax.Array:
+    """This process's rows of a batch: on the device, or the global batch sharded over ``data``."""
     if self.mesh is None:
-      return jnp.asarray(a)
-    return jax.device_put(a, NamedSharding(self.mesh, P("data", None)))
+      return jnp.asarray(rows)
+    return jax.make_array_from_process_local_data(self._batch_sharding, rows,
+                                                  (self.cfg.batch,) + rows.shape[1:])
 
   def batch(self, step: int) -> tuple[jax.Array, jax.Array]:
-    """The training batch of ``step`` (deterministic in the seed and the step)."""
-    x, y = self.data.train_batch(self.cfg.seed, step, self.cfg.batch)
+    """The training batch of ``step`` (deterministic in the seed and the step).
+
+    Each process reads only its own rows of it (:func:`local_rows`).
+    """
+    x, y = self.data.train_batch(self.cfg.seed, step, self.cfg.batch, self._rows)
     return self._put(x), self._put(y)
 
   def train_step(self) -> tuple[float, np.ndarray]:
@@ -638,44 +709,55 @@ class Checkpointer:
   """Saves and restores a :class:`Trainer` with the package's orbax helpers.
 
   Parameters and the whole optimiser state go through
-  :func:`muonclip_jax.save_checkpoint` (sharded, with a verified manifest);
+  :func:`muonclip_jax.save_checkpoint`: sharded, asynchronous (training goes
+  on while Orbax writes), committed together with a manifest.
   :meth:`restore_latest` uses :func:`muonclip_jax.restore_latest_valid`, which
-  restores onto the trainer's current shardings and skips damaged steps. The
-  metrics recorded so far are kept beside each step as ``metrics_<step>.json``.
-  The data sampler is a function of ``(seed, step)``, so a resumed run sees
+  restores onto the trainer's current shardings (any mesh or process count)
+  and skips damaged steps, on every process alike. Process 0 keeps the
+  metrics recorded so far beside each step as ``metrics_<step>.json``. The
+  data sampler is a function of ``(seed, step)``, so a resumed run sees
   exactly the batches an uninterrupted one would.
 
+  Every process of a multi-process run builds one, with the same directory,
+  on storage they all reach (a shared file system or a ``gs://`` bucket).
+
   Args:
-    directory: checkpoint directory (created).
+    directory: checkpoint directory (created): a local path or ``gs://...``.
     max_to_keep: checkpoints kept (at least 2, so a damaged one has a fallback).
+    async_save: return from :meth:`save` while Orbax writes.
   """
 
-  def __init__(self, directory: str | os.PathLike[str], max_to_keep: int = 2) -> None:
-    self.directory = Path(directory).resolve()
-    self.manager = muonclip_jax.make_checkpoint_manager(self.directory,
-                                                        max_to_keep=max_to_keep)
+  def __init__(self, directory: str | os.PathLike[str], max_to_keep: int = 2,
+               async_save: bool = True) -> None:
+    path = epath.Path(directory)
+    self.directory = path if "://" in str(directory) else epath.Path(path.resolve())
+    self.manager = muonclip_jax.make_checkpoint_manager(
+        self.directory, max_to_keep=max_to_keep, enable_async_checkpointing=async_save)
 
-  def _metrics_path(self, step: int) -> Path:
+  def _metrics_path(self, step: int) -> epath.Path:
     """Where the metrics of ``step`` are kept."""
     return self.directory / f"metrics_{step}.json"
 
   def save(self, trainer: Trainer) -> None:
-    """Saves the trainer's state at its current step (waits until written)."""
+    """Starts saving the trainer's state at its current step (every process calls it)."""
     muonclip_jax.save_checkpoint(self.manager, trainer.step, trainer.params,
                                  trainer.opt_state, force=True)
+    if jax.process_index() != 0:
+      return
     self._metrics_path(trainer.step).write_text(json.dumps(trainer.metrics))
-    kept = {int(s) for s in self.manager.all_steps()}
+    # Committed steps still kept, and the one being written.
+    kept = {int(s) for s in self.manager.all_steps()} | {trainer.step}
     for old in self.directory.glob("metrics_*.json"):
       if int(old.stem.split("_")[1]) not in kept:
-        old.unlink()
+        old.unlink(missing_ok=True)
 
   def latest_step(self) -> int | None:
-    """The latest saved step, or ``None``."""
+    """The latest committed step, or ``None``."""
     return self.manager.latest_step()
 
   def restore_latest(self, trainer: Trainer) -> int | None:
     """Loads the newest valid checkpoint into ``trainer``; returns its step (``None``: none)."""
-    if self.manager.latest_step() is None:
+    if not self.manager.all_steps():
       return None
     step, params, opt_state = muonclip_jax.restore_latest_valid(
         self.manager, trainer.params, trainer.opt_state)
@@ -685,7 +767,7 @@ class Checkpointer:
     return step
 
   def close(self) -> None:
-    """Waits for pending writes and releases the manager."""
+    """Waits for a save in flight to be committed and releases the manager."""
     self.manager.close()
 
 

@@ -22,6 +22,19 @@ Examples::
 ``--mesh DATAxMODEL`` asks XLA for that many host devices (it must be set
 before jax starts, which this script does) and shards the batch over ``data``
 and the matrices FSDP-style; Muon's Newton–Schulz then runs device-locally.
+
+Several processes (one per host of a TPU pod slice or GPU cluster; JAX's
+multi-controller runtime): run the same command on every host, with
+``--multihost`` (``jax.distributed.initialize()`` detects the pod on Cloud TPU,
+SLURM and Open MPI) or with ``--coordinator HOST:PORT --num-processes N
+--process-id I``. The mesh then spans every process's devices, each process
+reads only its own rows of each batch, ``--ckpt-dir`` must be storage that
+every host reaches (``gs://...``), and process 0 alone prints and writes the
+metrics and plots. On one machine, ``examples/launch.py`` starts N local
+processes::
+
+  python examples/launch.py --num-processes 2 --devices-per-process 4 -- \
+      python examples/train_lm.py --mesh 4x2 --ckpt-dir /tmp/ck
 """
 
 from __future__ import annotations
@@ -79,9 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --ckpt-dir")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--multihost", action="store_true",
+                 help="several processes: jax.distributed.initialize() detects them (Cloud "
+                 "TPU pods, SLURM, Open MPI)")
+  p.add_argument("--coordinator", type=str, default=None,
+                 help="several processes: HOST:PORT of process 0 (with --num-processes, "
+                 "--process-id)")
+  p.add_argument("--num-processes", type=int, default=None)
+  p.add_argument("--process-id", type=int, default=None)
+  p.add_argument("--log-every", type=int, default=0,
+                 help="print 'step N loss L' every N steps (0: no step lines)")
   p.add_argument("--out", type=str, default="runs/train_lm")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   return p
+
+
+def check_distributed(args: argparse.Namespace) -> int:
+  """Validates the multi-process flags; returns the number of processes (1 when none)."""
+  explicit = (args.coordinator, args.num_processes, args.process_id)
+  if any(x is not None for x in explicit):
+    if any(x is None for x in explicit):
+      raise SystemExit("--coordinator, --num-processes and --process-id go together")
+    if args.multihost:
+      raise SystemExit("--multihost detects the processes; drop --coordinator and friends")
+    if not 0 <= args.process_id < args.num_processes:
+      raise SystemExit(f"--process-id must be in [0, {args.num_processes}), got "
+                       f"{args.process_id}")
+    return args.num_processes
+  return 1
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+  """Starts JAX's multi-controller runtime when the flags ask for it (before any computation)."""
+  import jax
+  if args.coordinator is not None:
+    jax.distributed.initialize(coordinator_address=args.coordinator,
+                               num_processes=args.num_processes, process_id=args.process_id)
+  elif args.multihost:
+    jax.distributed.initialize()
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -89,17 +137,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   args = build_parser().parse_args(argv)
   if args.resume and not args.ckpt_dir:
     raise SystemExit("--resume needs --ckpt-dir")
+  processes = check_distributed(args)
   if args.mesh is not None and "jax" not in sys.modules:
     # XLA reads the flag once, when jax starts; a mesh of host devices needs it first.
     n = args.mesh[0] * args.mesh[1]
+    if n % processes:
+      raise SystemExit(f"--mesh {args.mesh[0]}x{args.mesh[1]} has {n} devices, not a "
+                       f"multiple of the {processes} processes")
     flag = "--xla_force_host_platform_device_count"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"{flag}={n}"])
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"{flag}={n // processes}"])
 
   sys.path.insert(0, str(Path(__file__).resolve().parent))
+  init_distributed(args)
   import jax
   import lm
   from tqdm.auto import tqdm
+
+  lead = jax.process_index() == 0
+  say = print if lead else (lambda *a, **k: None)
 
   lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.01)
   cfg = lm.RunConfig(
@@ -114,23 +170,28 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   t0 = time.perf_counter()
   trainer = lm.Trainer(cfg, data)
   n_params = lm.count_params(trainer.params)
-  print(f"{args.optimizer}: {n_params:,} parameters, {len(data.train):,} training bytes, "
+  say(f"{args.optimizer}: {n_params:,} parameters, {len(data.train):,} training bytes, "
         f"{len(data.val):,} validation bytes, {len(jax.devices())} device(s)"
-        + (f", mesh {args.mesh[0]}x{args.mesh[1]}" if args.mesh else ""), flush=True)
+        + (f", mesh {args.mesh[0]}x{args.mesh[1]}" if args.mesh else "")
+        + (f", {jax.process_count()} processes" if jax.process_count() > 1 else ""),
+        flush=True)
 
   ckpt = None
   if args.ckpt_dir:
     ckpt = lm.Checkpointer(args.ckpt_dir)
     if args.resume:
       step = ckpt.restore_latest(trainer)
-      print(f"resumed from step {step}" if step is not None else
+      say(f"resumed from step {step}" if step is not None else
             f"no checkpoint in {args.ckpt_dir}; starting from scratch", flush=True)
 
   def on_step(tr: lm.Trainer) -> None:
     if ckpt is not None and (tr.step % args.ckpt_every == 0 or tr.step == args.steps):
       ckpt.save(tr)
+    if args.log_every and tr.step % args.log_every == 0:
+      say(f"step {tr.step} loss {tr.metrics['loss'][-1]:.4f} time {time.time():.3f}",
+          flush=True)
 
-  bar = tqdm(total=args.steps, initial=trainer.step, disable=args.no_progress,
+  bar = tqdm(total=args.steps, initial=trainer.step, disable=args.no_progress or not lead,
              desc=args.optimizer, unit="step")
   try:
     trainer.run(progress=bar, on_step=on_step)
@@ -153,12 +214,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   }
   if lm.uses_max_logits(args.optimizer):
     summary["clipped_heads_total"] = lm.clip_telemetry(trainer.opt_state).get("clipped_total")
-  json_path, csv_path = lm.save_metrics(m, cfg, args.out, extra={"summary": summary})
-  title = f"{args.optimizer}" + (f" (tau={args.tau:g})" if args.optimizer == "muonclip" else "")
-  plots = lm.plot_run(m, args.out, title=title,
-                      tau=args.tau if args.optimizer == "muonclip" else None)
-  summary["files"] = [str(p) for p in (json_path, csv_path, *plots)]
-  print(json.dumps(summary, indent=1), flush=True)
+  if lead:  # one process writes the files
+    json_path, csv_path = lm.save_metrics(m, cfg, args.out, extra={"summary": summary})
+    title = f"{args.optimizer}" + (f" (tau={args.tau:g})" if args.optimizer == "muonclip"
+                                   else "")
+    plots = lm.plot_run(m, args.out, title=title,
+                        tau=args.tau if args.optimizer == "muonclip" else None)
+    summary["files"] = [str(p) for p in (json_path, csv_path, *plots)]
+  say(json.dumps(summary, indent=1), flush=True)
   return summary
 
 
