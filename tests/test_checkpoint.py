@@ -10,48 +10,12 @@ import os
 import chex
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import orbax.checkpoint as ocp
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
+from checkpoint_setup import abstract, setup  # tests/ is on sys.path
 
 import muonclip_jax as mc
 from muonclip_jax._checkpoint import MANIFEST
-
-STATS = {"h0": {"attn": {"max_logits": jnp.asarray([50., 150, 90, 300])}}}
-
-
-def _params(mesh):
-  rng = np.random.default_rng(0)
-  shapes = {"embed": {"embedding": ((48, 32), P("model", None))},
-            "h0": {"attn": {"query": {"kernel": ((32, 4, 8), P(None, "model", None))},
-                            "key": {"kernel": ((32, 4, 8), P(None, "model", None))},
-                            "value": {"kernel": ((32, 4, 8), P(None, "model", None))},
-                            "out": {"kernel": ((4, 8, 32), P("model", None, None))}},
-                   "mlp": {"kernel": ((32, 128), P("data", "model"))},
-                   "norm": {"scale": ((32,), P("model"))}}}
-  is_leaf = lambda x: isinstance(x, tuple) and isinstance(x[1], P)
-  return jax.tree.map(
-      lambda s: jax.device_put(jnp.asarray(rng.standard_normal(s[0]) * 0.1, jnp.float32),
-                               NamedSharding(mesh, s[1])), shapes, is_leaf=is_leaf)
-
-
-def _setup():
-  mesh = jax.make_mesh((2, 4), ("data", "model"))
-  tx = mc.muonclip(0.02, tau=100.0, mesh=mesh, mu_dtype=jnp.bfloat16)
-  params = _params(mesh)
-  with jax.set_mesh(mesh):
-    state = jax.jit(tx.init)(params)
-
-  @jax.jit
-  def train_step(params, state):
-    grads = jax.grad(lambda p: sum(jnp.sum(jnp.sin(x) * x) for x in jax.tree.leaves(p)))(params)
-    updates, state = tx.update(grads, state, params, max_logits=STATS)
-    return optax.apply_updates(params, updates), state
-
-  return mesh, tx, params, state, train_step
 
 
 def _assert_same(a, b):
@@ -62,12 +26,10 @@ def _assert_same(a, b):
 
 
 def test_round_trip_is_exact(tmp_path):
-  _, _, params, state, train_step = _setup()
+  _, _, params, state, train_step = setup()
   params, state = train_step(params, state)
   manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
   assert mc.save_checkpoint(manager, 1, params, state)
-  abstract = lambda t: jax.tree.map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), t)
   rp, rs = mc.restore_checkpoint(manager, abstract(params), abstract(state))
   _assert_same(rp, params)
   _assert_same(rs, state)
@@ -76,7 +38,7 @@ def test_round_trip_is_exact(tmp_path):
 
 
 def test_resume_is_bitwise_equal_to_never_stopping(tmp_path):
-  _, _, params, state, train_step = _setup()
+  _, _, params, state, train_step = setup()
   p, s = params, state
   for _ in range(3):
     p, s = train_step(p, s)
@@ -87,7 +49,7 @@ def test_resume_is_bitwise_equal_to_never_stopping(tmp_path):
   manager.close()
 
   # A fresh start: new optimizer, new jitted step, targets from a fresh init.
-  _, _, params2, state2, train_step2 = _setup()
+  _, _, params2, state2, train_step2 = setup()
   manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
   rp, rs = mc.restore_checkpoint(manager, params2, state2)
   for _ in range(3):
@@ -105,7 +67,7 @@ def _largest_file(step_dir, item):
 
 @pytest.mark.parametrize("damage", ["truncate", "delete", "flip", "no_manifest"])
 def test_damaged_latest_step_is_reported_and_previous_stays_usable(tmp_path, damage):
-  _, _, params, state, train_step = _setup()
+  _, _, params, state, train_step = setup()
   manager = mc.make_checkpoint_manager(tmp_path / "ckpt", max_to_keep=3)
   p3, s3 = params, state
   for _ in range(3):
@@ -152,7 +114,7 @@ def test_damaged_latest_step_is_reported_and_previous_stays_usable(tmp_path, dam
 
 
 def test_no_checkpoint_is_a_clear_error(tmp_path):
-  _, _, params, state, _ = _setup()
+  _, _, params, state, _ = setup()
   manager = mc.make_checkpoint_manager(tmp_path / "empty")
   with pytest.raises(mc.CheckpointError, match="no checkpoint"):
     mc.restore_checkpoint(manager, params, state)
@@ -170,7 +132,7 @@ def test_manifest_is_written_before_the_step_is_committed(tmp_path, monkeypatch)
                       lambda step, root: (seen.append((step, root.name,
                                                        (root.parent / str(step)).exists())),
                                           real(step, root)))
-  _, _, params, state, _ = _setup()
+  _, _, params, state, _ = setup()
   manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
   assert mc.save_checkpoint(manager, 1, params, state)
   manager.wait_until_finished()
@@ -186,7 +148,7 @@ def test_a_step_whose_finalisation_fails_is_never_visible(tmp_path, monkeypatch)
   be saved again.
   """
   from muonclip_jax import _checkpoint
-  _, _, params, state, train_step = _setup()
+  _, _, params, state, train_step = setup()
   manager = mc.make_checkpoint_manager(tmp_path / "ckpt")
   mc.save_checkpoint(manager, 1, params, state)
   p2, s2 = train_step(params, state)
@@ -215,7 +177,7 @@ def test_a_step_whose_finalisation_fails_is_never_visible(tmp_path, monkeypatch)
 
 
 def test_an_orbax_manager_of_our_own_is_required(tmp_path):
-  _, _, params, state, _ = _setup()
+  _, _, params, state, _ = setup()
   plain = ocp.CheckpointManager(tmp_path / "plain", item_names=("params", "opt_state"))
   with pytest.raises(TypeError, match="make_checkpoint_manager"):
     mc.save_checkpoint(plain, 1, params, state)
