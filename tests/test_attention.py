@@ -15,12 +15,23 @@ from flax import nnx
 import muonclip_jax as mc
 
 
+def normal(key, shape) -> jax.Array:
+  """``jax.random.normal(key, shape)``, bit for bit (the threefry counter is a reshaped iota):
+  drawn flat and reshaped, because XLA:CPU takes seconds to compile the rank-3/4 draw."""
+  return jax.random.normal(key, (math.prod(shape),)).reshape(shape)
+
+
+def bernoulli(key, p: float, shape) -> jax.Array:
+  """``jax.random.bernoulli(key, p, shape)``, bit for bit, drawn flat (see :func:`normal`)."""
+  return jax.random.bernoulli(key, p, (math.prod(shape),)).reshape(shape)
+
+
 def qkv(seed: int = 0, heads: int = 4, kv_heads: int = 4, q_len: int = 5, kv_len: int = 7,
         depth: int = 8, batch: tuple[int, ...] = (2,)):
   k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-  q = jax.random.normal(k1, batch + (q_len, heads, depth)) * 2
-  k = jax.random.normal(k2, batch + (kv_len, kv_heads, depth)) * 2
-  v = jax.random.normal(k3, batch + (kv_len, kv_heads, depth))
+  q = normal(k1, batch + (q_len, heads, depth)) * 2
+  k = normal(k2, batch + (kv_len, kv_heads, depth)) * 2
+  v = normal(k3, batch + (kv_len, kv_heads, depth))
   return q, k, v
 
 
@@ -52,8 +63,8 @@ def sown_linen(fn, q, k, v, **kw):
 
 def test_matches_flax_linen_output_and_sows_stat():
   q, k, v = qkv()
-  mask = jax.random.bernoulli(jax.random.key(9), 0.7, (2, 1, 5, 7))
-  bias = jax.random.normal(jax.random.key(8), (1, 4, 5, 7))
+  mask = bernoulli(jax.random.key(9), 0.7, (2, 1, 5, 7))
+  bias = normal(jax.random.key(8), (1, 4, 5, 7))
   want = nn.dot_product_attention(q, k, v, bias=bias, mask=mask)
   got = mc.dot_product_attention(q, k, v, bias=bias, mask=mask)
   np.testing.assert_array_equal(got, want)
@@ -66,7 +77,7 @@ def test_matches_flax_linen_output_and_sows_stat():
 
 def test_matches_flax_nnx_gqa_causal():
   q, k, v = qkv(1, heads=4, kv_heads=2)
-  mask = jax.random.bernoulli(jax.random.key(3), 0.8, (2, 1, 5, 7))
+  mask = bernoulli(jax.random.key(3), 0.8, (2, 1, 5, 7))
   want = nnx.dot_product_attention(q, k, v, mask=mask, is_causal=True)
   got = mc.dot_product_attention(q, k, v, mask=mask, is_causal=True)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
@@ -134,7 +145,7 @@ def test_no_module_no_sow_and_dropout():
     (0, 4, 4, 3, False), (1, 4, 2, 7, True), (2, 6, 1, 16, False), (3, 4, 4, 1, True)])
 def test_blockwise_matches_dense_stat(seed, heads, kv_heads, block, causal):
   q, k, _ = qkv(seed, heads=heads, kv_heads=kv_heads, q_len=9, kv_len=11)
-  mask = jax.random.bernoulli(jax.random.key(seed + 10), 0.6, (2, 1, 9, 11))
+  mask = bernoulli(jax.random.key(seed + 10), 0.6, (2, 1, 9, 11))
   want_mask = mask & np.tril(np.ones((9, 11), bool)) if causal else mask
   np.testing.assert_allclose(
       mc.max_logits_blockwise(q, k, mask=mask, is_causal=causal, block_size=block),
@@ -179,8 +190,8 @@ def test_sow_helpers_from_hand_written_attention_linen_and_nnx():
 
 
 def test_linen_module_switch_and_repeated_calls_max_reduce():
-  x1 = jax.random.normal(jax.random.key(0), (2, 5, 16))
-  x2 = 3 * jax.random.normal(jax.random.key(1), (2, 5, 16))
+  x1 = normal(jax.random.key(0), (2, 5, 16))
+  x2 = 3 * normal(jax.random.key(1), (2, 5, 16))
 
   class Twice(nn.Module):
     sow: bool
@@ -204,7 +215,7 @@ def test_linen_module_switch_and_repeated_calls_max_reduce():
 
 
 def test_linen_wrapper_equals_flax_module():
-  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  x = normal(jax.random.key(0), (2, 5, 16))
   mask = nn.make_causal_mask(jnp.ones((2, 5)))
   for normalize_qk in (False, True):
     kw = dict(num_heads=4, qkv_features=16, normalize_qk=normalize_qk)
@@ -218,7 +229,7 @@ def test_linen_wrapper_equals_flax_module():
 
 
 def test_nnx_wrapper_gqa_equals_flax_module_and_stats():
-  x = jax.random.normal(jax.random.key(0), (2, 5, 16))
+  x = normal(jax.random.key(0), (2, 5, 16))
   kw = dict(num_heads=4, in_features=16, num_kv_heads=2, decode=False)
   ours = mc.MaxLogitMultiHeadAttention(**kw, rngs=nnx.Rngs(0))
   ref = nnx.MultiHeadAttention(**kw, rngs=nnx.Rngs(0))
@@ -248,7 +259,7 @@ def test_scan_stacks_stats_per_layer():
                       split_rngs={"params": True}, length=3)
       return stack(name="stack")(x, None)[0]
 
-  x = jax.random.normal(jax.random.key(0), (2, 4, 8))
+  x = normal(jax.random.key(0), (2, 4, 8))
   params = Model().init(jax.random.key(1), x)
   _, state = Model().apply(params, x, mutable=["intermediates"])
   leaves = jax.tree.leaves(state)
