@@ -106,14 +106,16 @@ class LaunchError(RuntimeError):
     reason: What went wrong, e.g. ``"process 1 exited with exit code 1"``.
     results: One :class:`ProcessResult` per process, in process order.
     failed: The index of the process whose exit ended the job, or ``None`` (timeout,
-      SIGTERM).
+      SIGTERM, stop).
+    stopped: The caller's ``stop`` predicate asked for the kill (:func:`launch`).
   """
 
   def __init__(self, reason: str, results: list[ProcessResult], failed: int | None = None,
-               tail_lines: int = 40) -> None:
+               tail_lines: int = 40, stopped: bool = False) -> None:
     self.reason = reason
     self.results = results
     self.failed = failed
+    self.stopped = stopped
     parts = [reason]
     for r in results:
       parts.append(f"--- process {r.process_id} (pid {r.pid}, {r.describe()}); "
@@ -279,7 +281,8 @@ def launch(commands: Sequence[Sequence[str]], *,
            env: Mapping[str, str] | Sequence[Mapping[str, str]] | None = None,
            timeout: float | None = None, log_dir: str | os.PathLike[str] | None = None,
            stream_process: int | None = 0,
-           cwd: str | os.PathLike[str] | None = None) -> list[ProcessResult]:
+           cwd: str | os.PathLike[str] | None = None,
+           stop: Callable[[], str | None] | None = None) -> list[ProcessResult]:
   """Runs one command per process, concurrently, and supervises them as one job.
 
   Each process runs in its own session (``start_new_session=True``). The launcher polls
@@ -299,6 +302,10 @@ def launch(commands: Sequence[Sequence[str]], *,
     stream_process: The process whose stdout/stderr are also copied, as they come, to
       ``sys.stdout``/``sys.stderr``; ``None`` for none.
     cwd: The working directory of the processes; the launcher's if ``None``.
+    stop: Polled while the processes run (every few tens of milliseconds); when it
+      returns a string, every process is killed as on timeout, and :class:`LaunchError`
+      is raised with ``stopped`` set and that string in its reason. For simulating a
+      preemption at a chosen moment (the whole job SIGKILLed at once).
 
   Returns:
     One :class:`ProcessResult` per process, in process order, all with return code 0.
@@ -333,7 +340,7 @@ def launch(commands: Sequence[Sequence[str]], *,
   reason = ""
   signals = _Signals()
   signals.install()
-  terminated = False
+  terminated = stopped = False
   try:
     for i, command in enumerate(commands):
       log = open(logs[i], "wb")  # closed in the finally block
@@ -371,6 +378,9 @@ def launch(commands: Sequence[Sequence[str]], *,
         running = [i for i, rc in enumerate(codes) if rc is None]
         reason = f"timeout: {timeout:g} s passed with processes {running} still running"
         break
+      if stop is not None and (why := stop()):
+        stopped, reason = True, f"stopped: {why}"
+        break
       time.sleep(_POLL_S)
   except _Terminated:
     terminated = True
@@ -396,7 +406,7 @@ def launch(commands: Sequence[Sequence[str]], *,
     signal.raise_signal(signal.SIGTERM)  # default handler: the launcher dies of SIGTERM
     raise LaunchError(reason, results)
   if failed is not None or killed:
-    raise LaunchError(reason, results, failed)
+    raise LaunchError(reason, results, failed, stopped=stopped)
   return results
 
 

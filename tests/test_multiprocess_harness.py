@@ -166,6 +166,21 @@ def test_launch_api_reports_every_process(tmp_path):
   assert [r.tail() for r in results] == [f"hello from {i}" for i in range(3)]
 
 
+def test_launch_stop_kills_the_whole_job_at_the_chosen_moment(tmp_path):
+  """``stop`` (used to simulate preemption) SIGKILLs every process once it says why."""
+  marker = tmp_path / "ready"
+  code = f"import pathlib, time; pathlib.Path({str(marker)!r}).touch(); time.sleep(100)"
+  start = time.monotonic()
+  with pytest.raises(launch.LaunchError) as err:
+    launch.launch([[sys.executable, "-c", code]] * 2, log_dir=tmp_path, stream_process=None,
+                  stop=lambda: "preempted" if marker.exists() else None, timeout=60)
+  assert time.monotonic() - start < 20
+  assert err.value.stopped and err.value.reason == "stopped: preempted"
+  assert [r.returncode for r in err.value.results] == [None, None]
+  for r in err.value.results:
+    assert_gone(r.pid)
+
+
 def test_distributed_commands_and_cpu_env():
   commands = launch.distributed_commands(["python", "t.py"], 2, port=1234)
   assert commands == [
