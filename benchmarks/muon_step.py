@@ -6,7 +6,9 @@ coefficients, 5 steps, f32, consistent RMS 0.2, weight decay 0.1. The figure is
 the median of per-round ratios of interleaved (paired) runs; ``optax.adamw``
 is timed beside them as the elementwise floor.
 
-Run: ``python -m benchmarks.muon_step [--layers 12] [--rounds 5]``.
+Run: ``python -m benchmarks.muon_step [--layers 12] [--rounds 5]``; ``--quick`` for a
+seconds-long smoke run (matrices 1/8 the size, same aspect ratios and so the same
+Newton–Schulz paths) that writes nothing to RESULTS.md.
 """
 
 from __future__ import annotations
@@ -23,18 +25,19 @@ from muonclip_jax import muon
 
 LAYER = {"attn_qkv": (768, 2304), "attn_proj": (768, 768), "mlp_fc": (768, 3072),
          "mlp_proj": (3072, 768)}
+QUICK_LAYER = {k: (m // 8, n // 8) for k, (m, n) in LAYER.items()}
 TARGET = 0.45
 
 
-def make_tree(layers: int, seed: int = 0) -> dict:
+def make_tree(layers: int, seed: int = 0, shapes: dict[str, tuple[int, int]] = LAYER) -> dict:
   rng = np.random.default_rng(seed)
   return {f"h{i}": {k: jnp.asarray(rng.standard_normal(s) * 0.02, jnp.float32)
-                    for k, s in LAYER.items()} for i in range(layers)}
+                    for k, s in shapes.items()} for i in range(layers)}
 
 
-def run(layers: int, rounds: int) -> str:
-  params = make_tree(layers)
-  grads = make_tree(layers, seed=1)
+def run(layers: int, rounds: int, shapes: dict[str, tuple[int, int]] = LAYER) -> str:
+  params = make_tree(layers, shapes=shapes)
+  grads = make_tree(layers, seed=1, shapes=shapes)
   labels = jax.tree.map(lambda _: "muon", params)
   ours = muon(1e-3, weight_decay=0.1, param_labels=labels)
   ref = optax.contrib.muon(1e-3, weight_decay=0.1, consistent_rms=0.2)
@@ -66,9 +69,11 @@ def main() -> None:
   ap.add_argument("--layers", type=int, default=12)
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--no-write", action="store_true")
+  ap.add_argument("--quick", action="store_true",
+                  help="smoke run on 1/8-size matrices; leaves RESULTS.md alone")
   args = ap.parse_args()
-  md = run(args.layers, args.rounds)
-  if not args.no_write:
+  md = run(args.layers, args.rounds, QUICK_LAYER if args.quick else LAYER)
+  if not (args.no_write or args.quick):
     write_section(
         f"muon_step ({jax.devices()[0].platform})",
         f"Machine: {machine()}\n\n{args.layers} GPT-2-small layers (768x2304, 768x768, "
