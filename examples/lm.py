@@ -744,7 +744,10 @@ class Checkpointer:
                                  trainer.opt_state, force=True)
     if jax.process_index() != 0:
       return
-    self._metrics_path(trainer.step).write_text(json.dumps(trainer.metrics))
+    path = self._metrics_path(trainer.step)  # written whole or not at all (preemption)
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(trainer.metrics))
+    tmp.replace(path)
     # Committed steps still kept, and the one being written.
     kept = {int(s) for s in self.manager.all_steps()} | {trainer.step}
     for old in self.directory.glob("metrics_*.json"):
