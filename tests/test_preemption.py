@@ -1,0 +1,25 @@
+"""Preemption: the whole 2-process example SIGKILLed 5 times, resumed each time, ends bitwise equal.
+
+benchmarks/preemption.py does the work (it also records the figures in
+benchmarks/RESULTS.md at a larger setting): an uninterrupted run of
+``examples/train_lm.py`` on 2 processes x 4 host CPU devices, then the same
+command SIGKILLed at random moments (one of them while Orbax writes a step)
+and restarted with ``--resume``. Seven launches in all, so this is the
+longest multi-process test (JAX's persistent compilation cache spares the
+restarts their compilation).
+"""
+
+from __future__ import annotations
+
+from benchmarks import preemption
+
+
+def test_killed_five_times_the_run_ends_bitwise_equal_to_an_uninterrupted_one(tmp_path):
+  report, same_state, same_losses, _ = preemption.study(tmp_path, kills=5, steps=14, seed=0)
+  assert len(report.kills) == 5 and report.survived == 5, report
+  assert any(k.mid_save for k in report.kills), report  # at least one kill mid-save
+  for k in report.kills:  # never resumes past the last step logged before the kill
+    assert k.resumed_from is not None and k.resumed_from <= k.step, k
+  assert same_state  # parameters and the whole optimizer state, bit for bit
+  assert same_losses  # and every logged training loss
+  assert report.leftovers == []  # temporary directories of killed saves were cleaned up
