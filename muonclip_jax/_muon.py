@@ -164,7 +164,10 @@ def scale_by_muon(
       take the default), or a callable ``(path, shape) -> dims | None``.
       Default: :func:`muonclip_jax.default_dimension_numbers`.
     mesh: a :class:`jax.sharding.Mesh`; Newton–Schulz then runs device-local
-      (see :mod:`muonclip_jax._sharding`).
+      (see :mod:`muonclip_jax._sharding`). It may span the devices of several
+      JAX processes (``jax.distributed``): every process builds the same
+      transformation with the same mesh, and each computes the matrices its
+      own devices are assigned.
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByMuonState`.

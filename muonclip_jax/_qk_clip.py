@@ -112,6 +112,12 @@ class QKClipState(NamedTuple):
       (``every_k_schedule``; unused otherwise).
     mini_step: micro-step within the current accumulation (``every_k_schedule``).
     gradient_step: clipping steps taken.
+
+  With several JAX processes every field is a global array with the same
+  value on every process (the statistics are global maxima). The counters are
+  scalars, so ``int(state.num_clipped)`` works on each process; read a
+  ``max_logits`` vector that XLA left sharded over heads with
+  ``jax.experimental.multihost_utils.process_allgather``.
   """
 
   max_logits: dict[str, jax.Array]
@@ -193,7 +199,8 @@ def reduce_max_logits(max_logits: Any, axis_name: Any) -> Any:
 
   Data- or context-parallel shards each see part of the batch or sequence;
   the head's statistic is the max over all of them. Under plain ``jax.jit``
-  with sharded arrays this is not needed: the sown ``jnp.max`` is global.
+  with sharded arrays this is not needed: the sown ``jnp.max`` is global, over
+  the rows of every device of every JAX process.
   """
   return jax.tree.map(lambda x: jax.lax.pmax(x, axis_name), max_logits)
 

@@ -45,6 +45,13 @@ the concrete parameters it is given and ``update`` uses them; call ``init`` on
 the sharded parameters outside ``jax.jit``. A leaf whose sharding is unknown is
 treated as replicated: XLA gathers it on entry (correct, more traffic) and its
 output sharding is left to XLA.
+
+Several JAX processes. The mesh may span every device of every process (a pod
+slice): the plan depends only on shapes, shardings and the mesh, so every
+process computes the same one, and each device runs its own branch in the one
+SPMD program, the all-to-alls crossing processes where the mesh does. Nothing
+is fetched to the host. ``init`` on an ``AxisType.Auto`` mesh records the
+shardings of global arrays, the same on every process.
 """
 
 from __future__ import annotations
@@ -611,7 +618,9 @@ def muon_sharding_summary(params: Any, mesh: Mesh, dimension_numbers: Any = None
     Per leaf: parameter shape and sharding, matrix view, operand, how the
     operand moves, devices computing it and pad slots; per operand: matrices,
     slots per device; in total: busiest device's Newton–Schulz FLOPs against
-    the ideal ``total / n``.
+    the ideal ``total / n``. A plan from shapes and shardings only: with
+    several JAX processes every process gets the same text for a mesh over
+    all their devices (print it on process 0).
   """
   from muonclip_jax._coefficients import resolve_coefficients
   from muonclip_jax._muon import NSOptions, _dims_lookup
