@@ -6,6 +6,8 @@ passes ``3 tau``, MuonClip holds it at ``<= 1.05 tau``.
 
 from __future__ import annotations
 
+import functools
+import math
 import warnings
 
 import jax
@@ -21,6 +23,12 @@ from jax.sharding import PartitionSpec as P
 import muonclip_jax as mc
 
 E, L, B = 16, 6, 8
+
+
+def normal(key, shape) -> jax.Array:
+  """``jax.random.normal(key, shape)``, bit for bit (the threefry counter is a reshaped iota):
+  drawn flat and reshaped, because XLA:CPU takes seconds to compile the rank-3 draw."""
+  return jax.random.normal(key, (math.prod(shape),)).reshape(shape)
 
 
 def stats_max(stats) -> jax.Array:
@@ -55,7 +63,7 @@ def _muonclip(tau: float) -> optax.GradientTransformationExtraArgs:
 @pytest.mark.parametrize("make_tx", [_sgd_then_clip, _muonclip])
 def test_nnx_optimizer_forwards_max_logits_under_jit(make_tx):
   model = NNXModel(rngs=nnx.Rngs(0))
-  x = 3 * jax.random.normal(jax.random.key(1), (B, L, E))
+  x = 3 * normal(jax.random.key(1), (B, L, E))
   _, stats0 = nnx.capture(model, nnx.Intermediate)(x)
   s0 = np.asarray(stats0["attn"]["max_logits"][...])
   tau = float(np.sort(s0)[1] + np.sort(s0)[2]) / 2  # two hot heads, two cool
@@ -89,7 +97,7 @@ def test_nnx_optimizer_forwards_max_logits_under_jit(make_tx):
 
 def test_nnx_pop_intermediates_path():
   model = NNXModel(rngs=nnx.Rngs(2))
-  x = 3 * jax.random.normal(jax.random.key(3), (B, L, E))
+  x = 3 * normal(jax.random.key(3), (B, L, E))
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)  # sow outside nnx.capture
     model(x)
@@ -215,7 +223,7 @@ def test_data_parallel_stats_are_global_max():
     pytest.skip("needs several devices (conftest forces 8 host CPU devices)")
   mesh = jax.make_mesh((n,), ("data",))
   model = LinenAttn()
-  x = jax.random.normal(jax.random.key(0), (2 * n, L, E)) * 2
+  x = normal(jax.random.key(0), (2 * n, L, E)) * 2
   x = x.at[3].multiply(4.0)  # one example (on one shard) carries the largest logits
   params = model.init(jax.random.key(1), x)
 
@@ -265,11 +273,18 @@ class TinyLM(nn.Module):
     return nn.Dense(V, name="lm_head")(nn.LayerNorm(name="ln_f")(x))
 
 
+@functools.cache
+def batch_and_init() -> tuple[jax.Array, dict]:
+  """The batch and the initial parameters that both runs share (the init compiled as one
+  program: eager, each initialiser compiles on its own, seconds for the rank-3 kernels)."""
+  tok = jnp.asarray(np.random.default_rng(0).integers(0, V, (BATCH, T)), jnp.int32)
+  return tok, jax.jit(TinyLM().init)(jax.random.key(0), tok)["params"]
+
+
 def train(tx, clip: bool) -> np.ndarray:
   """Full-batch training; returns the per-step max logit from the pre-update forward pass."""
   model = TinyLM()
-  tok = jnp.asarray(np.random.default_rng(0).integers(0, V, (BATCH, T)), jnp.int32)
-  params = model.init(jax.random.key(0), tok)["params"]
+  tok, params = batch_and_init()
   state = tx.init(params)
 
   def loss_fn(p):
