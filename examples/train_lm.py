@@ -138,12 +138,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   if args.resume and not args.ckpt_dir:
     raise SystemExit("--resume needs --ckpt-dir")
   processes = check_distributed(args)
+  n = args.mesh[0] * args.mesh[1] if args.mesh is not None else processes
+  if n % processes:
+    raise SystemExit(f"--mesh {args.mesh[0]}x{args.mesh[1]} has {n} devices, not a "
+                     f"multiple of the {processes} processes")
   if args.mesh is not None and "jax" not in sys.modules:
     # XLA reads the flag once, when jax starts; a mesh of host devices needs it first.
-    n = args.mesh[0] * args.mesh[1]
-    if n % processes:
-      raise SystemExit(f"--mesh {args.mesh[0]}x{args.mesh[1]} has {n} devices, not a "
-                       f"multiple of the {processes} processes")
     flag = "--xla_force_host_platform_device_count"
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"{flag}={n // processes}"])

@@ -245,3 +245,16 @@ def test_linen_step_clips_to_tau() -> None:
   _, state = model.apply({"params": params}, x, mutable=["intermediates"])
   after = max(float(jnp.max(v)) for v in jax.tree.leaves(state["intermediates"]))
   np.testing.assert_allclose(after, tau, rtol=1e-4)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--coordinator", "h:1"], "go together"),
+    (["--coordinator", "h:1", "--num-processes", "2", "--process-id", "2"], "process-id"),
+    (["--multihost", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"],
+     "--multihost"),
+    (["--mesh", "3x1", "--coordinator", "h:1", "--num-processes", "2", "--process-id", "0"],
+     "multiple of the 2 processes"),
+])
+def test_cli_rejects_inconsistent_multi_process_flags(flags: list[str], message: str) -> None:
+  with pytest.raises(SystemExit, match=message):
+    train_lm.main(flags)
