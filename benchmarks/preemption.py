@@ -188,8 +188,8 @@ def final_losses(workdir: Path) -> list[float]:
   return json.loads((workdir / "out" / "metrics.json").read_text())["metrics"]["loss"]
 
 
-def final_state(workdir: Path, steps: int) -> Any:
-  """Parameters and optimizer state of the last checkpoint, as NumPy (needs 8 devices here)."""
+def final_states(workdirs: Sequence[Path], steps: int) -> list[Any]:
+  """Parameters and optimizer state of each run's last checkpoint, as NumPy (needs 8 devices)."""
   import jax
   import lm
   import numpy as np
@@ -202,12 +202,15 @@ def final_state(workdir: Path, steps: int) -> Any:
       optim=lm.OptimConfig(tau=float(args["--tau"]), total_steps=steps), steps=steps,
       batch=int(args["--batch"]), seq_len=int(args["--seq-len"]), mesh=(4, 2))
   trainer = lm.Trainer(cfg, lm.ByteData(lm.default_corpus(1 << 16), cfg.seq_len))
-  manager = mc.make_checkpoint_manager(workdir / "ckpt")
-  try:
-    state = mc.restore_checkpoint(manager, trainer.params, trainer.opt_state, step=steps)
-  finally:
-    manager.close()
-  return jax.tree.map(np.asarray, state)
+  out = []
+  for workdir in workdirs:  # the trainer's arrays are the restore targets
+    manager = mc.make_checkpoint_manager(workdir / "ckpt")
+    try:
+      state = mc.restore_checkpoint(manager, trainer.params, trainer.opt_state, step=steps)
+    finally:
+      manager.close()
+    out.append(jax.tree.map(np.asarray, state))
+  return out
 
 
 def trees_equal(a: Any, b: Any) -> bool:
@@ -226,8 +229,7 @@ def study(workdir: Path, kills: int, steps: int, seed: int) -> tuple[Report, boo
   run(workdir / "reference", steps, env, tag="reference")
   reference_seconds = time.time() - t0
   report = run_with_kills(workdir / "killed", kills=kills, steps=steps, seed=seed, env=env)
-  same_state = trees_equal(final_state(workdir / "reference", steps),
-                           final_state(workdir / "killed", steps))
+  same_state = trees_equal(*final_states([workdir / "reference", workdir / "killed"], steps))
   same_losses = final_losses(workdir / "reference") == final_losses(workdir / "killed")
   return report, same_state, same_losses, reference_seconds
 
