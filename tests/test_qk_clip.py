@@ -89,8 +89,12 @@ def predicted(s: np.ndarray, tau: float, mode: str, kv: int | None = None) -> np
 
 
 def clip_step(params, stats, tau: float, **kw):
-  """One MuonClip step at learning rate 0 (jitted); returns new params and state."""
-  tx = mc.muonclip(0.0, tau=tau, **kw)
+  """One MuonClip step at learning rate 0 (jitted); returns new params and state.
+
+  At learning rate 0 Muon's update is exactly zero however many Newton–Schulz steps make
+  its direction, so the step runs one (it compiles in half the time of the default five).
+  """
+  tx = mc.muonclip(0.0, tau=tau, steps=1, **kw)
   state = tx.init(params)
   grads = jax.tree.map(lambda p: jnp.full_like(p, 0.01), params)
   updates, state = jax.jit(tx.update)(grads, state, params, max_logits=stats)
