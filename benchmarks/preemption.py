@@ -59,7 +59,7 @@ class Kill:
     step: the last step process 0 logged before the kill.
     mid_save: an Orbax temporary step directory existed at the kill.
     resumed_from: the step the next launch restored (``None``: started afresh).
-    seconds_lost: kill until the next launch logged step ``step + 1``.
+    seconds_lost: kill until a later launch logged step ``step + 1``.
   """
 
   launch: int
@@ -171,10 +171,11 @@ def run_with_kills(workdir: Path, *, kills: int = 5, steps: int = 30, seed: int 
       continue
     if i < kills:
       raise RuntimeError(f"the run finished before kill {i}; raise steps above {steps}")
-  for k, nxt in zip(record, range(1, kills + 1), strict=True):
-    log = workdir / "logs" / f"launch_{nxt}" / "process_0.log"
-    k.resumed_from = _resumed_from(log)
-    after = [t for s, t in _steps(log) if s == k.step + 1]
+  logs = [workdir / "logs" / f"launch_{i}" / "process_0.log" for i in range(kills + 1)]
+  for k in record:
+    k.resumed_from = _resumed_from(logs[k.launch + 1])
+    # The next launch may itself be killed before it gets past k.step: look further on.
+    after = [t for log in logs[k.launch + 1:] for s, t in _steps(log) if s == k.step + 1]
     k.seconds_lost = after[0] - k.at if after else None
   last = _steps(workdir / "logs" / f"launch_{kills}" / "process_0.log")
   intervals = [b[1] - a[1] for a, b in zip(last, last[1:])]
