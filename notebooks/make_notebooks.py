@@ -132,7 +132,7 @@ QK-Clip then rescales the query/key weights of every head whose logit exceeded Ï
     code("""from flax import nnx
 import lm   # examples/lm.py
 
-cfg = lm.ModelConfig(d_model=32 if SMALL else 128, num_layers=2, num_heads=4)
+cfg = lm.ModelConfig(d_model=32 if SMALL else 128, num_layers=1 if SMALL else 2, num_heads=4)
 graphdef, params = lm.init_model(cfg, seed=0)
 data = lm.ByteData(lm.default_corpus(), seq_len=32 if SMALL else 64)
 steps = 10 if SMALL else 150
@@ -188,7 +188,7 @@ import lm
 
 SEQ = 16 if SMALL else 64
 data = lm.ByteData(lm.default_corpus(), seq_len=SEQ)
-model = lm.ModelConfig(d_model=32 if SMALL else 128, num_layers=2, num_heads=4)
+model = lm.ModelConfig(d_model=32 if SMALL else 128, num_layers=1 if SMALL else 2, num_heads=4)
 STEPS = 12 if SMALL else 300
 TAU = 3.0 if SMALL else 30.0
 
@@ -312,7 +312,7 @@ print(jax.devices())
 assert len(jax.devices()) >= 8, "restart the runtime: XLA_FLAGS must be set before jax starts"
 
 mesh = lm.make_mesh((4, 2))            # axes ('data', 'model')
-model = lm.ModelConfig(d_model=32 if SMALL else 128, num_layers=2, num_heads=4)
+model = lm.ModelConfig(d_model=32 if SMALL else 128, num_layers=1 if SMALL else 2, num_heads=4)
 _, params = lm.init_model(model, seed=0)
 sharded = lm.shard_params(params, mesh)
 for path, x in jax.tree_util.tree_flatten_with_path(sharded)[0][:6]:
