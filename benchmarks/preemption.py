@@ -44,7 +44,7 @@ import launch  # noqa: E402  (examples/launch.py: stdlib only)
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's temporary step directories
 STEP_LINE = re.compile(r"^step (\d+) loss \S+ time ([\d.]+)", re.M)
 # The example at a size where a step takes a fraction of a second on 2 cores.
-TRAIN_ARGS = ("--mesh", "4x2", "--batch", "8", "--seq-len", "16", "--d-model", "16",
+TRAIN_ARGS = ("--batch", "8", "--seq-len", "16", "--d-model", "16",
               "--layers", "1", "--heads", "2", "--tau", "2", "--eval-every", "1000",
               "--eval-batches", "1", "--max-bytes", "65536", "--no-progress",
               "--ckpt-every", "1", "--log-every", "1")
@@ -104,9 +104,19 @@ def _resumed_from(log: Path) -> int | None:
   return int(m.group(1)) if m else None
 
 
-def command(ckpt_dir: Path, out_dir: Path, steps: int) -> list[str]:
+@dataclasses.dataclass(frozen=True)
+class Job:
+  """The job's shape: processes, host devices of each, and the example's ``--mesh``."""
+
+  processes: int = 2
+  devices_per_process: int = 4
+  mesh: tuple[int, int] = (4, 2)
+
+
+def command(ckpt_dir: Path, out_dir: Path, steps: int, job: Job) -> list[str]:
   """The example's command line (each process gets its rank appended by the launcher)."""
-  return [sys.executable, str(EXAMPLES / "train_lm.py"), *TRAIN_ARGS, "--steps", str(steps),
+  return [sys.executable, str(EXAMPLES / "train_lm.py"), *TRAIN_ARGS,
+          "--mesh", "x".join(map(str, job.mesh)), "--steps", str(steps),
           "--ckpt-dir", str(ckpt_dir), "--out", str(out_dir), "--resume"]
 
 
@@ -119,18 +129,19 @@ def environment(cache_dir: Path, devices_per_process: int = 4) -> dict[str, str]
   return env
 
 
-def run(workdir: Path, steps: int, env: dict[str, str], *, processes: int = 2,
-        timeout: float = 300.0, stop: Any = None, tag: str = "run") -> Path:
+def run(workdir: Path, steps: int, env: dict[str, str], job: Job, *, timeout: float = 300.0,
+        stop: Any = None, tag: str = "run") -> Path:
   """One launch of the job; returns the log directory. Raises ``launch.LaunchError``."""
   logs = workdir / "logs" / tag
   launch.launch(launch.distributed_commands(
-      command(workdir / "ckpt", workdir / "out", steps), processes, launch.free_port()),
+      command(workdir / "ckpt", workdir / "out", steps, job), job.processes,
+      launch.free_port()),
       env=env, timeout=timeout, log_dir=logs, stream_process=None, stop=stop)
   return logs
 
 
 def run_with_kills(workdir: Path, *, kills: int = 5, steps: int = 30, seed: int = 0,
-                   mid_save_kill: int = 2, env: dict[str, str] | None = None,
+                   job: Job = Job(), mid_save_kill: int = 2, env: dict[str, str] | None = None,
                    timeout: float = 300.0) -> Report:
   """Runs the example to ``steps``, SIGKILLing the whole job ``kills`` times.
 
@@ -140,7 +151,7 @@ def run_with_kills(workdir: Path, *, kills: int = 5, steps: int = 30, seed: int 
   the newest valid checkpoint.
   """
   workdir.mkdir(parents=True, exist_ok=True)
-  env = env or environment(workdir / "compile_cache")
+  env = env or environment(workdir / "compile_cache", job.devices_per_process)
   ckpt = workdir / "ckpt"
   rng = random.Random(seed)
   record: list[Kill] = []
@@ -162,7 +173,7 @@ def run_with_kills(workdir: Path, *, kills: int = 5, steps: int = 30, seed: int 
         state.setdefault("ready", time.monotonic())
         return "random" if time.monotonic() >= state["ready"] + delay else None
     try:
-      run(workdir, steps, env, timeout=timeout, stop=stop, tag=tag)
+      run(workdir, steps, env, job, timeout=timeout, stop=stop, tag=tag)
     except launch.LaunchError as err:
       if not err.stopped:
         raise
@@ -189,7 +200,7 @@ def final_losses(workdir: Path) -> list[float]:
   return json.loads((workdir / "out" / "metrics.json").read_text())["metrics"]["loss"]
 
 
-def final_states(workdirs: Sequence[Path], steps: int) -> list[Any]:
+def final_states(workdirs: Sequence[Path], steps: int, mesh: tuple[int, int]) -> list[Any]:
   """Parameters and optimizer state of each run's last checkpoint, as NumPy (needs 8 devices)."""
   import jax
   import lm
@@ -201,7 +212,7 @@ def final_states(workdirs: Sequence[Path], steps: int) -> list[Any]:
       model=lm.ModelConfig(d_model=int(args["--d-model"]), num_layers=int(args["--layers"]),
                            num_heads=int(args["--heads"])),
       optim=lm.OptimConfig(tau=float(args["--tau"]), total_steps=steps), steps=steps,
-      batch=int(args["--batch"]), seq_len=int(args["--seq-len"]), mesh=(4, 2))
+      batch=int(args["--batch"]), seq_len=int(args["--seq-len"]), mesh=mesh)
   trainer = lm.Trainer(cfg, lm.ByteData(lm.default_corpus(1 << 16), cfg.seq_len))
   out = []
   for workdir in workdirs:  # the trainer's arrays are the restore targets
@@ -223,14 +234,17 @@ def trees_equal(a: Any, b: Any) -> bool:
           and all(np.array_equal(x, y) and x.dtype == y.dtype for x, y in zip(la, lb)))
 
 
-def study(workdir: Path, kills: int, steps: int, seed: int) -> tuple[Report, bool, bool, float]:
+def study(workdir: Path, kills: int, steps: int, seed: int, job: Job = Job()
+          ) -> tuple[Report, bool, bool, float]:
   """Uninterrupted run, run with kills; returns (report, state equal, losses equal, seconds)."""
-  env = environment(workdir / "compile_cache")
+  env = environment(workdir / "compile_cache", job.devices_per_process)
   t0 = time.time()
-  run(workdir / "reference", steps, env, tag="reference")
+  run(workdir / "reference", steps, env, job, tag="reference")
   reference_seconds = time.time() - t0
-  report = run_with_kills(workdir / "killed", kills=kills, steps=steps, seed=seed, env=env)
-  same_state = trees_equal(*final_states([workdir / "reference", workdir / "killed"], steps))
+  report = run_with_kills(workdir / "killed", kills=kills, steps=steps, seed=seed, job=job,
+                          env=env)
+  same_state = trees_equal(*final_states([workdir / "reference", workdir / "killed"], steps,
+                                         job.mesh))
   same_losses = final_losses(workdir / "reference") == final_losses(workdir / "killed")
   return report, same_state, same_losses, reference_seconds
 
