@@ -23,6 +23,7 @@ from muonclip_jax._checkpoint import (
 )
 from muonclip_jax._coefficients import PRESETS, NSConfig, resolve_coefficients
 from muonclip_jax._dimensions import MuonDimensionNumbers, default_dimension_numbers
+from muonclip_jax._mesh_plan import MuonShardingPlan, plan_muon_sharding
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
 from muonclip_jax._muonclip import muonclip
 from muonclip_jax._newton_schulz import orthogonalize
@@ -80,6 +81,8 @@ __all__ = [
     "make_checkpoint_manager",
     "mesh_orthogonalizer",
     "muon_sharding_summary",
+    "MuonShardingPlan",
+    "plan_muon_sharding",
     "restore_checkpoint",
     "restore_latest_valid",
     "save_checkpoint",

@@ -147,3 +147,49 @@ def matrix_view(path: str, shape: Sequence[int], dims: MuonDimensionNumbers
 def fan_in_out(path: str, shape: Sequence[int], dims: MuonDimensionNumbers) -> tuple[int, int]:
   _, red, out = normalize_axes(path, shape, dims)
   return math.prod(shape[a] for a in red), math.prod(shape[a] for a in out)
+
+
+DimensionNumbersLike = (
+    MuonDimensionNumbers | Any | Callable[[str, tuple[int, ...]], MuonDimensionNumbers | None]
+    | None)
+
+
+def dimension_numbers_fn(dimension_numbers: DimensionNumbersLike
+                 ) -> Callable[[str, tuple[int, ...]], MuonDimensionNumbers]:
+  """Normalises a ``dimension_numbers`` argument into ``(path, shape) -> dims``.
+
+  Args:
+    dimension_numbers: ``None`` (the default for every leaf), one
+      :class:`MuonDimensionNumbers` for all leaves, a tree of them (``None``
+      leaves take the default), or a callable ``(path, shape) -> dims | None``.
+
+  Returns:
+    A function of a leaf's ``'/'``-joined path and shape.
+
+  Raises:
+    ValueError: a tree leaf that is neither ``None`` nor dimension numbers,
+      naming its path.
+  """
+  if dimension_numbers is None:
+    return default_dimension_numbers
+  if isinstance(dimension_numbers, MuonDimensionNumbers):
+    return lambda path, shape: dimension_numbers
+  if callable(dimension_numbers):
+    def from_callable(path, shape):
+      d = dimension_numbers(path, shape)
+      return default_dimension_numbers(path, shape) if d is None else d
+    return from_callable
+  flat, _ = jax.tree_util.tree_flatten_with_path(
+      dimension_numbers,
+      is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
+  table = {}
+  for p, d in flat:
+    if d is not None and not isinstance(d, MuonDimensionNumbers):
+      raise ValueError(f"dimension_numbers at {path_str(p)}: expected MuonDimensionNumbers "
+                       f"or None, got {d!r}")
+    table[path_str(p)] = d
+
+  def from_table(path, shape):
+    d = table.get(path)
+    return default_dimension_numbers(path, shape) if d is None else d
+  return from_table

@@ -19,41 +19,30 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from muonclip_jax._coefficients import CoeffsLike, NSConfig, resolve_coefficients
+from muonclip_jax._coefficients import CoeffsLike, resolve_coefficients
 from muonclip_jax._dimensions import (
-    default_dimension_numbers,
-    fan_in_out,
-    matrix_view,
-    path_str,
+  DimensionNumbersLike,
+  dimension_numbers_fn,
+  fan_in_out,
+  matrix_view,
+  path_str,
 )
 from muonclip_jax._momentum import momentum_step
 from muonclip_jax._newton_schulz import (
-    _orthogonalize,
-    check_method,
-    resolve_compute_dtype,
+  NSOptions,
+  Orthogonalizer,
+  check_method,
+  resolve_compute_dtype,
 )
 from muonclip_jax._routing import ADAMW, MUON, resolve_labels
 from muonclip_jax._shape_scaling import check_shape_scaling, shape_scale
-
-DimensionNumbersLike = (
-    MuonDimensionNumbers | Any | Callable[[str, tuple[int, ...]], MuonDimensionNumbers | None]
-    | None)
+from muonclip_jax._sharding import mesh_orthogonalizer
 
 
 class ScaleByMuonState(NamedTuple):
   """State of :func:`scale_by_muon`: the momentum buffer ``M``."""
 
   mu: optax.Updates
-
-
-class NSOptions(NamedTuple):
-  """Static Newton–Schulz options shared by every leaf."""
-
-  config: NSConfig
-  dtype: jnp.dtype | None
-  method: str
-  restarts: tuple[int, ...] | None
-  eps: jax.typing.ArrayLike
 
 
 class LeafPlan(NamedTuple):
@@ -65,34 +54,6 @@ class LeafPlan(NamedTuple):
   matrix_shape: tuple[int, int, int]  # (batch, fan_in, fan_out)
   fan_in: int
   fan_out: int
-
-
-def _dims_lookup(dimension_numbers: DimensionNumbersLike
-                 ) -> Callable[[str, tuple[int, ...]], MuonDimensionNumbers]:
-  """Normalises the ``dimension_numbers`` argument into ``(path, shape) -> dims``."""
-  if dimension_numbers is None:
-    return default_dimension_numbers
-  if isinstance(dimension_numbers, MuonDimensionNumbers):
-    return lambda path, shape: dimension_numbers
-  if callable(dimension_numbers):
-    def from_callable(path, shape):
-      d = dimension_numbers(path, shape)
-      return default_dimension_numbers(path, shape) if d is None else d
-    return from_callable
-  flat, _ = jax.tree_util.tree_flatten_with_path(
-      dimension_numbers,
-      is_leaf=lambda x: x is None or isinstance(x, MuonDimensionNumbers))
-  table = {}
-  for p, d in flat:
-    if d is not None and not isinstance(d, MuonDimensionNumbers):
-      raise ValueError(f"dimension_numbers at {path_str(p)}: expected MuonDimensionNumbers "
-                       f"or None, got {d!r}")
-    table[path_str(p)] = d
-
-  def from_table(path, shape):
-    d = table.get(path)
-    return default_dimension_numbers(path, shape) if d is None else d
-  return from_table
 
 
 def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensionNumbers]
@@ -110,15 +71,6 @@ def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensi
     fi, fo = fan_in_out(path, shape, dims)
     plans.append(LeafPlan(path, to_m, from_m, flat, fi, fo))
   return plans
-
-
-def orthogonalize_matrices(mats: Sequence[jax.Array], ns: NSOptions) -> list[jax.Array]:
-  """Newton–Schulz on each ``(batch, fan_in, fan_out)`` array, one device."""
-  out = []
-  for m in mats:
-    dtype = resolve_compute_dtype(ns.dtype, m.dtype)
-    out.append(_orthogonalize(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
-  return out
 
 
 def scale_by_muon(
@@ -180,28 +132,23 @@ def scale_by_muon(
       eps=eps,  # May be an array under optax.inject_hyperparams.
   )
   scaling = check_shape_scaling(shape_scaling)
-  dims_fn = _dims_lookup(dimension_numbers)
+  dims_fn = dimension_numbers_fn(dimension_numbers)
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  if mesh is not None:
-    from muonclip_jax._sharding import mesh_orthogonalizer
-    orthogonalize_fn = mesh_orthogonalizer(mesh)
-  else:
-    orthogonalize_fn = orthogonalize_matrices
+  orthogonalizer = Orthogonalizer() if mesh is None else mesh_orthogonalizer(mesh)
 
   def init_fn(params):
     plan_leaves(params, dims_fn)  # Fail early, naming the path, on bad shapes.
-    if mesh is not None:
-      orthogonalize_fn.record(params)  # Output shardings for AxisType.Auto meshes.
+    orthogonalizer.record(params)  # Output shardings for AxisType.Auto meshes.
     return ScaleByMuonState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates, state, params=None, view_specs=None):
     del params
     plans = plan_leaves(updates, dims_fn)
     grads, treedef = jax.tree.flatten(updates)
     stepped = [momentum_step(g, m, beta, nesterov)
                for g, m in zip(grads, treedef.flatten_up_to(state.mu), strict=True)]
     mats = [plan.to_matrix(d) for plan, (_, d) in zip(plans, stepped, strict=True)]
-    orth = orthogonalize_fn(mats, ns)
+    orth = orthogonalizer(mats, ns, view_specs)
     out = []
     for plan, o, g in zip(plans, orth, grads, strict=True):
       scale = shape_scale(plan.fan_in, plan.fan_out, scaling, rms_scale)
@@ -209,9 +156,8 @@ def scale_by_muon(
     new_mu = jax.tree.unflatten(treedef, [m for m, _ in stepped])
     return jax.tree.unflatten(treedef, out), ScaleByMuonState(mu=new_mu)
 
-  if mesh is not None:
-    update_fn = orthogonalize_fn.wrap_update(update_fn, dims_fn)  # Outputs in params' sharding.
-  return optax.GradientTransformation(init_fn, update_fn)
+  # On a mesh: view shardings in, every output in its parameter's sharding.
+  return optax.GradientTransformation(init_fn, orthogonalizer.wrap_update(update_fn, dims_fn))
 
 
 def _check_nonnegative(name: str, value: Any) -> None:

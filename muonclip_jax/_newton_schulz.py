@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +38,25 @@ Method = Literal["auto", "standard", "gram"]
 _METHODS = ("auto", "standard", "gram")
 _COMPUTE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16),
                    jnp.dtype(jnp.float64))
+
+
+class NSOptions(NamedTuple):
+  """Static Newton–Schulz options shared by every matrix of an update.
+
+  Attributes:
+    config: the coefficients, one triple per step.
+    dtype: compute dtype (``None``: each matrix's own).
+    method: ``"auto"``, ``"standard"`` or ``"gram"``.
+    restarts: Gram-path restarts (``None``: :func:`default_restarts`).
+    eps: added to the Frobenius norm (may be an array under
+      ``optax.inject_hyperparams``).
+  """
+
+  config: NSConfig
+  dtype: jnp.dtype | None
+  method: str
+  restarts: tuple[int, ...] | None
+  eps: jax.typing.ArrayLike
 
 
 def newton_schulz_flops(m: int, n: int, steps: int, method: str,
@@ -232,3 +251,34 @@ def orthogonalize(
   check_method(method)
   rs = None if restarts is None else tuple(int(r) for r in restarts)
   return _orthogonalize_jit(x, cfg, compute, method, rs, float(eps))
+
+
+class Orthogonalizer:
+  """Orthogonalises the matrices of one Muon update, on one device.
+
+  The interface :func:`muonclip_jax.scale_by_muon` calls, shared with the
+  mesh version (:class:`muonclip_jax._sharding.MeshOrthogonalizer`):
+
+  - ``fn(mats, ns, specs=None)`` maps a list of ``(batch, fan_in, fan_out)``
+    arrays to their orthogonalisations (same shapes and dtypes); ``specs``
+    are their view shardings where known (ignored here);
+  - ``record(params)`` is called by ``init`` with the parameters (nothing to
+    record on one device);
+  - ``wrap_update(update_fn, dims_fn)`` wraps the update (here unchanged).
+  """
+
+  def __call__(self, mats: Sequence[jax.Array], ns: NSOptions,
+               specs: Sequence[object] | None = None) -> list[jax.Array]:
+    del specs
+    out = []
+    for m in mats:
+      dtype = resolve_compute_dtype(ns.dtype, m.dtype)
+      out.append(_orthogonalize(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
+    return out
+
+  def record(self, params: object) -> None:
+    del params
+
+  def wrap_update(self, update_fn, dims_fn):
+    del dims_fn
+    return update_fn

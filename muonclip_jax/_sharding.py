@@ -3,9 +3,10 @@
 Newton–Schulz multiplies whole matrices (``X X^T``, ``(X X^T) X``). With a
 parameter sharded on a :class:`jax.sharding.Mesh` (FSDP rows or columns, tensor
 parallel), letting XLA's SPMD partitioner split each product puts collectives
-inside every iteration (REFERENCE.md §4: 8x-11x the momentum's bytes, or 1.8x
-redundant FLOPs). Here whole matrices are moved once instead, with JAX's own
-SPMD machinery (one :func:`jax.shard_map` and its collectives):
+inside every iteration (measured for ``optax.contrib.muon`` under 8-way FSDP:
+8x-11x the momentum's bytes in all-gathers, or 1.8x redundant FLOPs). Here
+whole matrices are moved once instead, with JAX's own SPMD machinery (one
+:func:`jax.shard_map` and its collectives):
 
 1. **Group.** Matrices that share a shape, a dtype and a sharding of their
    ``(batch, rows, cols)`` view form one operand, whether they come from
@@ -35,13 +36,15 @@ counts the heaviest branch). An operand of one matrix is gathered whole on
 every device and computed there, if that does not load the busiest device
 more: same time, and nothing to send back.
 
-:func:`muon_sharding_summary` prints what each leaf gets.
+:mod:`muonclip_jax._mesh_plan` decides the placement from shapes alone;
+:func:`muonclip_jax.plan_muon_sharding` shows it (and its cost) for a tree.
 
 Output shardings. With an explicit mesh (``jax.make_mesh``'s default
 ``AxisType.Explicit``) the update runs under :func:`jax.sharding.auto_axes` and
 every output takes its input's sharding type. With an ``AxisType.Auto`` mesh,
 shardings are not visible while tracing, so ``init`` records the shardings of
-the concrete parameters it is given and ``update`` uses them; call ``init`` on
+the concrete parameters it is given (in the orthogonaliser, at construction
+of the state, not during tracing) and ``update`` uses them; call ``init`` on
 the sharded parameters outside ``jax.jit``. A leaf whose sharding is unknown is
 treated as replicated: XLA gathers it on entry (correct, more traffic) and its
 output sharding is left to XLA.
@@ -57,10 +60,8 @@ shardings of global arrays, the same on every process.
 from __future__ import annotations
 
 import functools
-import itertools
-import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -69,291 +70,23 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from muonclip_jax._dimensions import normalize_axes, path_str
-from muonclip_jax._newton_schulz import (
-    _orthogonalize,
-    choose_method,
-    default_restarts,
-    newton_schulz_flops,
-    resolve_compute_dtype,
+from muonclip_jax._mesh_plan import (
+  ArrayPlan,
+  Axes,
+  MeshPlan,
+  ViewSpec,
+  axes_size,
+  plan_mesh,
+  plan_muon_sharding,
+  view_spec,
 )
-
-if TYPE_CHECKING:
-  from muonclip_jax._muon import NSOptions
+from muonclip_jax._newton_schulz import NSOptions, _orthogonalize, resolve_compute_dtype
 
 __all__ = [
-    "ArrayPlan",
     "MeshOrthogonalizer",
-    "MeshPlan",
     "mesh_orthogonalizer",
     "muon_sharding_summary",
-    "plan_mesh",
-    "view_spec",
 ]
-
-Axes = tuple[str, ...]
-# The sharding of a matrix view (batch, rows, cols): the mesh axes of each view axis.
-ViewSpec = tuple[Axes, Axes, Axes]
-REPLICATED: ViewSpec = ((), (), ())
-MAX_BRANCHES = 32
-
-
-class ArrayPlan(NamedTuple):
-  """One operand of the device-local Newton–Schulz: a stack of same-shape matrices.
-
-  Its matrices enter sharded as ``spec`` (batch, rows, cols). On each device
-  the replicated mesh axes ``rep`` take a slice of the batch, then one
-  all-to-all per sharded matrix axis trades batch for rows/columns, leaving
-  ``slots`` whole matrices per device; the way back is the reverse, then an
-  all-gather over ``rep``. Devices are numbered in ``order = b + rep + r + c``.
-
-  Attributes:
-    rows, cols: the wide (``rows <= cols``) matrix shape.
-    dtype: the matrices' dtype.
-    spec: the view sharding ``(b, r, c)``.
-    order: mesh axes, major first, that number the devices.
-    members: inputs in this operand.
-    transposed: per member, whether it is tall and enters transposed.
-    cells: for an unsharded batch (``b == ()``), the layout: per position,
-      ``(member, index)`` of a matrix or ``None`` for a zero pad; device
-      ``t`` (in ``order``) gets positions ``[t * slots, (t + 1) * slots)``.
-      ``None`` for a batch-sharded single member, which is padded on device.
-    slots: matrices per device.
-    counts: matrices each device computes (pads excluded), by number in ``order``.
-    flops: Newton–Schulz FLOPs of one matrix.
-    replicated: a single matrix, gathered whole on every device (all-gather
-      over ``r`` and ``c``) and computed there; each keeps its own shard of the
-      result, so nothing is sent back.
-  """
-
-  rows: int
-  cols: int
-  dtype: jnp.dtype
-  spec: ViewSpec
-  order: Axes
-  members: tuple[int, ...]
-  transposed: tuple[bool, ...]
-  cells: tuple[tuple[int, int] | None, ...] | None
-  slots: int
-  counts: tuple[int, ...]
-  flops: int
-  replicated: bool = False
-
-  @property
-  def count(self) -> int:
-    """Real matrices in the operand."""
-    if self.cells is None:
-      return sum(self.counts)
-    return sum(c is not None for c in self.cells)
-
-  @property
-  def padding(self) -> int:
-    """Zero matrices added to fill the layout."""
-    return 0 if self.replicated else self.slots * len(self.counts) - self.count
-
-
-class MeshPlan(NamedTuple):
-  """Static placement of a list of matrices on a mesh.
-
-  Attributes:
-    arrays: the operands (one per shape and sharding; one per batch-sharded input).
-    patterns: distinct per-device tuples of real-matrix counts, one per
-      :func:`jax.lax.switch` branch (one pattern: no switch).
-    branch_of: per device (numbered in mesh-axis order), its pattern.
-    per_device_flops: Newton–Schulz FLOPs of the busiest device.
-    total_flops: Newton–Schulz FLOPs of all real matrices.
-  """
-
-  arrays: tuple[ArrayPlan, ...]
-  patterns: tuple[tuple[int, ...], ...]
-  branch_of: tuple[int, ...]
-  per_device_flops: int
-  total_flops: int
-
-
-def _ns_flops(rows: int, cols: int, ns: NSOptions) -> int:
-  """FLOPs of one orthogonalisation as :func:`_orthogonalize` will run it."""
-  steps = len(ns.config.triples)
-  restarts = default_restarts(steps) if ns.restarts is None else ns.restarts
-  method = ns.method
-  if method == "auto":
-    method = choose_method(rows, cols, steps, restarts)
-  return newton_schulz_flops(rows, cols, steps, method, restarts)
-
-
-def _size(axes: Axes, sizes: dict[str, int]) -> int:
-  return math.prod(sizes[a] for a in axes)
-
-
-def _numbering(order: Axes, sizes: dict[str, int]) -> list[int]:
-  """Per device (numbered in mesh-axis order): its number in ``order``."""
-  names = list(sizes)
-  out = []
-  for coords in itertools.product(*(range(sizes[a]) for a in names)):
-    at = dict(zip(names, coords, strict=True))
-    t = 0
-    for a in order:
-      t = t * sizes[a] + at[a]
-    out.append(t)
-  return out
-
-
-def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
-              specs: Sequence[ViewSpec | None] | None, axis_sizes: dict[str, int],
-              ns: NSOptions, *, switch: bool = True) -> MeshPlan:
-  """Groups ``(batch, fan_in, fan_out)`` matrices and places them on the devices.
-
-  Matrices of one shape (tall ones transposed) and sharding form one operand.
-  Each gets ``count // n`` matrices per device; the rest (``count mod n`` per
-  operand) are placed by longest processing time first (Graham 1969): heaviest
-  first, each on the least-loaded device. A device computes only its real
-  matrices (a :func:`jax.lax.switch` branch per pattern of counts); with
-  ``switch=False`` or more than ``MAX_BRANCHES`` patterns, every device
-  computes every slot, pads included. A batch-sharded input (a stacked layer
-  axis on the mesh) stays on its devices as its own operand.
-
-  Args:
-    shapes: the matrix views, in the orthogonaliser's input order.
-    dtypes: their dtypes.
-    specs: their view shardings (mesh axes of batch, fan-in, fan-out), or
-      ``None`` where unknown (treated as replicated: gathered on entry).
-    axis_sizes: mesh axis name -> size, in mesh order.
-    ns: the Newton–Schulz options (for the per-matrix cost).
-    switch: skip pads with a per-device branch.
-
-  Returns:
-    A :class:`MeshPlan`.
-  """
-  sizes = dict(axis_sizes)
-  axes = tuple(sizes)
-  n = _size(axes, sizes)
-  specs = [None] * len(shapes) if specs is None else list(specs)
-
-  def order_of(spec: ViewSpec) -> Axes:
-    b, r, c = spec
-    return b + tuple(a for a in axes if a not in b + r + c) + r + c
-
-  arrays: list[ArrayPlan] = []
-  pooled: dict[tuple[Any, ...], list[int]] = {}
-  transpose: dict[int, bool] = {}
-  for i, ((batch, fi, fo), dt, sp) in enumerate(zip(shapes, dtypes, specs, strict=True)):
-    sp = REPLICATED if sp is None else sp
-    # Tall matrices enter transposed; so do square ones sharded by rows only, so
-    # that they share an operand with column-sharded ones (NS(X^T) = NS(X)^T).
-    tall = fi > fo or (fi == fo and bool(sp[1]) and not sp[2])
-    transpose[i] = tall
-    wide_spec = (sp[0], sp[2], sp[1]) if tall else sp
-    rows, cols = min(fi, fo), max(fi, fo)
-    b = wide_spec[0]
-    if b and batch % _size(b, sizes) == 0:
-      local = batch // _size(b, sizes)
-      m = n // _size(b, sizes)
-      slots = -(-local // m)
-      counts = tuple(min(max(local - (t % m) * slots, 0), slots) for t in range(n))
-      arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), wide_spec, order_of(wide_spec), (i,),
-                              (tall,), None, slots, counts, _ns_flops(rows, cols, ns)))
-    else:
-      if b:  # Uneven batch sharding: gather it.
-        wide_spec = ((),) + wide_spec[1:]
-      key = (rows, cols, jnp.dtype(dt).name, wide_spec)
-      pooled.setdefault(key, []).append(i)
-
-  numbering = {a.order: _numbering(a.order, sizes) for a in arrays}
-  base = [0] * n  # per device in mesh order
-  for a in arrays:
-    num = numbering[a.order]
-    for p in range(n):
-      base[p] += a.counts[num[p]] * a.flops
-  drafts = []
-  leftovers = []  # (weight, draft index, member j, index k)
-  for (rows, cols, dt, spec), members in pooled.items():
-    mats = [(j, k) for j, i in enumerate(members) for k in range(shapes[i][0])]
-    q = len(mats) // n
-    flops = _ns_flops(rows, cols, ns)
-    order = order_of(spec)
-    if order not in numbering:
-      numbering[order] = _numbering(order, sizes)
-    base = [x + q * flops for x in base]
-    leftovers += [(flops, len(drafts), j, k) for j, k in mats[n * q:]]
-    drafts.append(((rows, cols, dt, spec, tuple(members)), order, flops, mats, q))
-
-  def lpt(replicated: set[int]) -> tuple[list[tuple[int, int, int, int]], int]:
-    """Longest processing time first over the leftovers, on top of the uniform load."""
-    load = [x + sum(drafts[d][2] for d in replicated) for x in base]
-    placed = []
-    for flops, d, j, k in sorted(leftovers, key=lambda x: (-x[0], x[1])):
-      if d in replicated:
-        continue
-      p = min(range(n), key=lambda p: (load[p], p))
-      load[p] += flops
-      placed.append((d, j, k, p))
-    return placed, max(load)
-
-  # A lone matrix of its operand is computed on every device instead (gathered
-  # once, nothing to send back) when that does not load the busiest device more.
-  replicated: set[int] = set()
-  placed, busiest = lpt(replicated)
-  for d in sorted((d for d, x in enumerate(drafts) if len(x[3]) == 1), key=lambda d: -drafts[d][2]):
-    trial, cost = lpt(replicated | {d})
-    if cost <= busiest:
-      replicated.add(d)
-      placed, busiest = trial, cost
-  for d, ((rows, cols, dt, spec, members), order, flops, mats, q) in enumerate(drafts):
-    transposed = tuple(transpose[i] for i in members)
-    if d in replicated:
-      arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), spec, order, members, transposed,
-                              (mats[0],), 1, (1,) * n, flops, True))
-      continue
-    per_device = [list(mats[t * q:(t + 1) * q]) for t in range(n)]
-    for dd, j, k, p in placed:
-      if dd == d:
-        per_device[numbering[order][p]].append((j, k))
-    slots = max(len(x) for x in per_device)
-    cells: list[tuple[int, int] | None] = []
-    for x in per_device:
-      cells += x + [None] * (slots - len(x))
-    arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), spec, order, members, transposed,
-                            tuple(cells), slots, tuple(len(x) for x in per_device), flops))
-
-  per_device = [tuple(a.counts[numbering[a.order][p]] for a in arrays) for p in range(n)]
-  patterns = sorted(set(per_device))
-  if not switch or len(patterns) > MAX_BRANCHES:
-    patterns = [tuple(a.slots for a in arrays)]
-    per_device = patterns * n
-  busiest = max(sum(c * a.flops for c, a in zip(pat, arrays, strict=True)) for pat in patterns)
-  total = sum(a.count * a.flops for a in arrays)
-  return MeshPlan(tuple(arrays), tuple(patterns),
-                  tuple(patterns.index(pat) for pat in per_device), busiest, total)
-
-
-def _entry_axes(entry: Any) -> Axes:
-  """Mesh axes of one PartitionSpec entry."""
-  if entry is None or entry is P.UNCONSTRAINED:
-    return ()
-  return (entry,) if isinstance(entry, str) else tuple(entry)
-
-
-def view_spec(spec: P, shape: Sequence[int], batch: Sequence[int], red: Sequence[int],
-              out: Sequence[int]) -> ViewSpec | None:
-  """The sharding of the ``(batch, fan_in, fan_out)`` view of a parameter.
-
-  A group of merged axes (row-major) keeps a sharding when at most one of them
-  is sharded and every axis before that one has size 1; otherwise the view's
-  sharding is not a tiling (``None``, and the leaf is gathered on entry).
-  """
-  spec = tuple(spec)
-  entries = [_entry_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
-
-  def merge(dims: Sequence[int]) -> Axes | None:
-    sharded = [t for t, d in enumerate(dims) if entries[d]]
-    if not sharded:
-      return ()
-    t = sharded[0]
-    if len(sharded) > 1 or any(shape[d] != 1 for d in dims[:t]):
-      return None
-    return entries[dims[t]]
-
-  merged = (merge(batch), merge(red), merge(out))
-  return None if any(m is None for m in merged) else merged  # type: ignore[return-value]
 
 
 def _to_wide(x: jax.Array, transposed: bool) -> jax.Array:
@@ -370,11 +103,23 @@ def _entry(axes: Axes) -> Any:
   return None if not axes else (axes[0] if len(axes) == 1 else axes)
 
 
-class MeshOrthogonalizer:
-  """Callable ``(mats, ns) -> orthogonalised mats`` on a mesh (see module doc).
+class _Undo(NamedTuple):
+  """What :meth:`MeshOrthogonalizer._reshard_out` needs to reverse the way in."""
 
-  Also carries the update wrapper (:meth:`wrap_update`) that sets the output
-  shardings, and the shardings ``init`` recorded for ``AxisType.Auto`` meshes.
+  rep: Axes
+  rows: Axes
+  cols: Axes
+  sizes: tuple[int, ...]  # local batch of each member (joined on device)
+
+
+class MeshOrthogonalizer:
+  """Callable ``(mats, ns, specs) -> orthogonalised mats`` on a mesh (see module doc).
+
+  The same interface as the single-device
+  :class:`muonclip_jax._newton_schulz.Orthogonalizer`. Also carries the update
+  wrapper (:meth:`wrap_update`) that passes the view shardings in and sets
+  the output shardings, and the shardings ``init`` recorded for
+  ``AxisType.Auto`` meshes.
   """
 
   def __init__(self, mesh: Mesh, switch: bool = True):
@@ -389,8 +134,6 @@ class MeshOrthogonalizer:
     self._explicit = tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
                            if t == AxisType.Explicit)
     self.recorded: dict[tuple[str, tuple[int, ...]], P] = {}
-    # View shardings of the inputs being traced (set by wrap_update), in order.
-    self._view_specs: list[ViewSpec | None] | None = None
 
   def plan(self, shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
            ns: NSOptions, specs: Sequence[ViewSpec | None] | None = None) -> MeshPlan:
@@ -398,80 +141,87 @@ class MeshOrthogonalizer:
 
   # -- orthogonalisation -------------------------------------------------------------
 
-  def __call__(self, mats: Sequence[jax.Array], ns: NSOptions) -> list[jax.Array]:
+  def __call__(self, mats: Sequence[jax.Array], ns: NSOptions,
+               specs: Sequence[ViewSpec | None] | None = None) -> list[jax.Array]:
     mats = list(mats)
     if not mats:
       return []
-    specs = self._view_specs
     if specs is not None and len(specs) != len(mats):
-      specs = None
+      raise ValueError(f"specs: expected one view sharding per matrix ({len(mats)}), "
+                       f"got {len(specs)}")
     plan = self.plan([tuple(m.shape) for m in mats], [m.dtype for m in mats], ns, specs)
-
-    operands = []
-    for a in plan.arrays:
-      if a.cells is None:
-        operands.append(_to_wide(mats[a.members[0]], a.transposed[0]))
-        continue
-      zero = jnp.zeros((a.rows, a.cols), a.dtype)
-      operands.append(jnp.stack([
-          zero if cell is None else _to_wide(mats[a.members[cell[0]]][cell[1]],
-                                             a.transposed[cell[0]])
-          for cell in a.cells]))
-    specs_in = tuple(P(*(_entry(x) for x in a.spec)) for a in plan.arrays)
-    fns = []
-    for a in plan.arrays:
-      dt = resolve_compute_dtype(ns.dtype, a.dtype)
-      fns.append(functools.partial(_orthogonalize, cfg=ns.config, compute_dtype=dt,
-                                   method=ns.method, restarts=ns.restarts, eps=ns.eps))
+    inputs, in_specs = _pack(plan, mats)
+    fns = [functools.partial(_orthogonalize, cfg=ns.config,
+                             compute_dtype=resolve_compute_dtype(ns.dtype, a.dtype),
+                             method=ns.method, restarts=ns.restarts, eps=ns.eps)
+           for a in plan.arrays]
     ys = jax.shard_map(functools.partial(self._local, plan, fns), mesh=self._auto,
-                       in_specs=specs_in, out_specs=specs_in, check_vma=False)(*operands)
-
-    out: list[list[jax.Array | None]] = [[None] * m.shape[0] for m in mats]
-    result: list[jax.Array | None] = [None] * len(mats)
-    for a, y in zip(plan.arrays, ys, strict=True):
-      if a.cells is None:
-        i = a.members[0]
-        result[i] = _to_wide(y, a.transposed[0]).astype(mats[i].dtype)
-        continue
-      for pos, cell in enumerate(a.cells):
-        if cell is not None:
-          j, k = cell
-          out[a.members[j]][k] = _to_wide(y[pos], a.transposed[j])
-    for i, m in enumerate(mats):
-      if result[i] is None:
-        result[i] = jnp.stack(out[i]).astype(m.dtype)
-    return result  # type: ignore[return-value]
+                       in_specs=in_specs, out_specs=in_specs, check_vma=False)(*inputs)
+    return _unpack(plan, mats, ys)
 
   def _local(self, plan: MeshPlan, fns: Sequence[Callable[[jax.Array], jax.Array]],
              *xs: jax.Array) -> tuple[jax.Array, ...]:
     """Per device: reshard in, Newton–Schulz on its whole matrices, reshard out."""
-    n = self.n
-    whole, undo = [], []
-    for a, x in zip(plan.arrays, xs, strict=True):
-      b, r, c = a.spec
-      if a.replicated:
-        if r:
-          x = jax.lax.all_gather(x, r, axis=1, tiled=True)
-        if c:
-          x = jax.lax.all_gather(x, c, axis=2, tiled=True)
-        whole.append(x)
-        undo.append(None)
-        continue
-      rep = tuple(ax for ax in self.axes if ax not in b + r + c)
-      local = x.shape[0]
-      per_shard = a.slots * (n // _size(b, self.sizes))
-      if local < per_shard:  # batch-sharded input: pad on device
-        x = jnp.concatenate([x, jnp.zeros((per_shard - local,) + x.shape[1:], x.dtype)])
-      if rep:
-        size = per_shard // _size(rep, self.sizes)
-        x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(rep) * size, size, axis=0)
-      if r:
-        x = jax.lax.all_to_all(x, r, 0, 1, tiled=True)
-      if c:
-        x = jax.lax.all_to_all(x, c, 0, 2, tiled=True)
-      whole.append(x)
-      undo.append((rep, r, c, local))
+    whole, undo, at = [], [], 0
+    for a in plan.arrays:
+      k = 1 if a.cells is not None else len(a.members)
+      w, u = self._reshard_in(a, xs[at:at + k])
+      whole.append(w)
+      undo.append(u)
+      at += k
+    ys = self._compute(plan, fns, whole)
+    outs: list[jax.Array] = []
+    for a, y, u in zip(plan.arrays, ys, undo, strict=True):
+      outs += self._reshard_out(a, y, u)
+    return tuple(outs)
 
+  def _reshard_in(self, a: ArrayPlan, xs: Sequence[jax.Array]) -> tuple[jax.Array, _Undo | None]:
+    """Whole matrices of operand ``a`` on this device (its ``slots``)."""
+    b, r, c = a.spec
+    if a.replicated:  # gather the lone matrix whole
+      (x,) = xs
+      if r:
+        x = jax.lax.all_gather(x, r, axis=1, tiled=True)
+      if c:
+        x = jax.lax.all_gather(x, c, axis=2, tiled=True)
+      return x, None
+    # Batch-sharded members are joined on device (no communication).
+    x = xs[0] if len(xs) == 1 else jnp.concatenate(xs)
+    rep = tuple(ax for ax in self.axes if ax not in b + r + c)
+    per_shard = a.slots * (self.n // axes_size(b, self.sizes))
+    if x.shape[0] < per_shard:  # pad a batch-sharded operand on device
+      x = jnp.concatenate([x, jnp.zeros((per_shard - x.shape[0],) + x.shape[1:], x.dtype)])
+    if rep:  # replicated axes: each device keeps its slice of the batch
+      size = per_shard // axes_size(rep, self.sizes)
+      x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(rep) * size, size, axis=0)
+    # Trade a block of rows (then columns) of every matrix for whole matrices.
+    if r:
+      x = jax.lax.all_to_all(x, r, split_axis=0, concat_axis=1, tiled=True)
+    if c:
+      x = jax.lax.all_to_all(x, c, split_axis=0, concat_axis=2, tiled=True)
+    return x, _Undo(rep, r, c, tuple(v.shape[0] for v in xs))
+
+  def _reshard_out(self, a: ArrayPlan, y: jax.Array, undo: _Undo | None) -> list[jax.Array]:
+    """The reverse of :meth:`_reshard_in`: each member's local block."""
+    if undo is None:  # replicated: keep this device's shard of the result
+      _, r, c = a.spec
+      for axis, names in ((1, r), (2, c)):
+        if names:
+          size = y.shape[axis] // axes_size(names, self.sizes)
+          y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(names) * size, size, axis)
+      return [y]
+    if undo.cols:
+      y = jax.lax.all_to_all(y, undo.cols, split_axis=2, concat_axis=0, tiled=True)
+    if undo.rows:
+      y = jax.lax.all_to_all(y, undo.rows, split_axis=1, concat_axis=0, tiled=True)
+    if undo.rep:
+      y = jax.lax.all_gather(y, undo.rep, axis=0, tiled=True)
+    starts = np.cumsum((0,) + undo.sizes)
+    return [y[s:e] for s, e in zip(starts[:-1], starts[1:], strict=True)]
+
+  def _compute(self, plan: MeshPlan, fns: Sequence[Callable[[jax.Array], jax.Array]],
+               whole: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """Newton–Schulz on this device's real matrices (its branch skips the pads)."""
     def branch(pattern: tuple[int, ...]) -> Callable[..., tuple[jax.Array, ...]]:
       def run(*ws: jax.Array) -> tuple[jax.Array, ...]:
         ys = []
@@ -486,30 +236,9 @@ class MeshOrthogonalizer:
       return run
 
     if len(plan.patterns) == 1:
-      ys = branch(plan.patterns[0])(*whole)
-    else:
-      idx = jnp.asarray(np.asarray(plan.branch_of, np.int32))[jax.lax.axis_index(self.axes)]
-      ys = jax.lax.switch(idx, [branch(p) for p in plan.patterns], *whole)
-
-    outs = []
-    for a, y, how in zip(plan.arrays, ys, undo, strict=True):
-      if how is None:  # replicated: keep this device's shard of the result
-        _, r, c = a.spec
-        for axis, names in ((1, r), (2, c)):
-          if names:
-            size = y.shape[axis] // _size(names, self.sizes)
-            y = jax.lax.dynamic_slice_in_dim(y, jax.lax.axis_index(names) * size, size, axis)
-        outs.append(y)
-        continue
-      rep, r, c, local = how
-      if c:
-        y = jax.lax.all_to_all(y, c, 2, 0, tiled=True)
-      if r:
-        y = jax.lax.all_to_all(y, r, 1, 0, tiled=True)
-      if rep:
-        y = jax.lax.all_gather(y, rep, axis=0, tiled=True)
-      outs.append(y[:local])
-    return tuple(outs)
+      return branch(plan.patterns[0])(*whole)
+    idx = jnp.asarray(np.asarray(plan.branch_of, np.int32))[jax.lax.axis_index(self.axes)]
+    return jax.lax.switch(idx, [branch(p) for p in plan.patterns], *whole)
 
   # -- output shardings --------------------------------------------------------------
 
@@ -534,8 +263,13 @@ class MeshOrthogonalizer:
     """Runs ``update_fn`` with auto sharding inside and fixes its outputs' shardings.
 
     Args:
-      update_fn: ``(updates, state, params) -> (updates, state)``.
+      update_fn: ``(updates, state, params, view_specs=None) -> (updates, state)``;
+        it receives the view sharding of every update leaf (``None`` where
+        unknown) and passes them on to this orthogonaliser.
       dims_fn: ``(path, shape) -> MuonDimensionNumbers``, the leaves' matrix views.
+
+    Returns:
+      ``(updates, state, params=None) -> (updates, state)``.
     """
     def view(p, x, t):
       if t is None:
@@ -547,18 +281,60 @@ class MeshOrthogonalizer:
       targets = (self._targets(updates), self._targets(state))
       flat = jax.tree_util.tree_flatten_with_path(updates)[0]
       tflat = jax.tree.leaves(targets[0], is_leaf=lambda t: t is None)
-      self._view_specs = [view(p, x, t) for (p, x), t in zip(flat, tflat, strict=True)]
-      try:
-        if self._explicit:
-          return jax.sharding.auto_axes(update_fn, axes=self._explicit,
-                                        out_sharding=targets)(updates, state, params)
-        out = update_fn(updates, state, params)
-      finally:
-        self._view_specs = None
+      specs = [view(p, x, t) for (p, x), t in zip(flat, tflat, strict=True)]
+      run = functools.partial(update_fn, view_specs=specs)
+      if self._explicit:  # outputs take their targets' explicit shardings
+        return jax.sharding.auto_axes(run, axes=self._explicit,
+                                      out_sharding=targets)(updates, state, params)
+      out = run(updates, state, params)
       return jax.tree.map(
           lambda s, x: x if s is None else jax.lax.with_sharding_constraint(x, s),
           targets, out, is_leaf=lambda s: s is None)
     return wrapped
+
+
+def _pack(plan: MeshPlan, mats: Sequence[jax.Array]) -> tuple[list[jax.Array], tuple[P, ...]]:
+  """The shard_map inputs: one stacked array per pooled operand (pads as zeros),
+  each member of a batch-sharded operand as it is."""
+  inputs, specs = [], []
+  for a in plan.arrays:
+    spec = P(*(_entry(x) for x in a.spec))
+    if a.cells is None:
+      for i, t in zip(a.members, a.transposed, strict=True):
+        inputs.append(_to_wide(mats[i], t))
+        specs.append(spec)
+      continue
+    zero = jnp.zeros((a.rows, a.cols), a.dtype)
+    inputs.append(jnp.stack([
+        zero if cell is None else _to_wide(mats[a.members[cell[0]]][cell[1]],
+                                           a.transposed[cell[0]])
+        for cell in a.cells]))
+    specs.append(spec)
+  return inputs, tuple(specs)
+
+
+def _unpack(plan: MeshPlan, mats: Sequence[jax.Array], ys: Sequence[jax.Array]
+            ) -> list[jax.Array]:
+  """The inverse of :func:`_pack`: each input's orthogonalised matrices, in its dtype."""
+  pieces: list[list[jax.Array | None]] = [[None] * m.shape[0] for m in mats]
+  result: list[jax.Array | None] = [None] * len(mats)
+  at = 0
+  for a in plan.arrays:
+    if a.cells is None:
+      for i, t in zip(a.members, a.transposed, strict=True):
+        result[i] = _to_wide(ys[at], t).astype(mats[i].dtype)
+        at += 1
+      continue
+    y = ys[at]
+    at += 1
+    for pos, cell in enumerate(a.cells):
+      if cell is not None:
+        j, k = cell
+        pieces[a.members[j]][k] = _to_wide(y[pos], a.transposed[j])
+  for i, m in enumerate(mats):
+    if result[i] is None:
+      result[i] = jnp.stack(pieces[i]).astype(m.dtype)
+  return result  # type: ignore[return-value]
 
 
 def mesh_orthogonalizer(mesh: Mesh, switch: bool = True) -> MeshOrthogonalizer:
@@ -577,104 +353,22 @@ def mesh_orthogonalizer(mesh: Mesh, switch: bool = True) -> MeshOrthogonalizer:
   return MeshOrthogonalizer(mesh, switch)
 
 
-def _describe(a: ArrayPlan, axes: Axes, known: bool) -> str:
-  """How an operand is moved: the collectives in and out."""
-  b, r, c = a.spec
-  if a.replicated:
-    gather = f"all-gather over {','.join(r + c)}; " if r + c else ""
-    return (("gathered (sharding unknown); " if not known else "") + gather
-            + "computed on every device, nothing sent back")
-  rep = tuple(x for x in axes if x not in b + r + c)
-  steps = []
-  if not known:
-    steps.append("gathered (sharding unknown)")
-  if rep:
-    steps.append(f"slice over {','.join(rep)}")
-  if r:
-    steps.append(f"all-to-all rows<->batch over {','.join(r)}")
-  if c:
-    steps.append(f"all-to-all cols<->batch over {','.join(c)}")
-  back = " + all-gather back" if rep else ""
-  return ("; ".join(steps) + back) if steps else "local (stacked axis on the mesh)"
 
 
-def muon_sharding_summary(params: Any, mesh: Mesh, dimension_numbers: Any = None, *,
+def muon_sharding_summary(params: Any, mesh: Any, dimension_numbers: Any = None, *,
                           param_labels: Any = None, coeffs: Any = "keller",
                           steps: int | None = None, method: str = "auto",
                           switch: bool = True) -> str:
   """A printable table of how ``muon(..., mesh=mesh)`` orthogonalises each leaf.
 
-  Args:
-    params: the parameters (arrays or ``jax.ShapeDtypeStruct`` with
-      ``sharding``); leaves without a :class:`NamedSharding` count as unknown.
-    mesh: the mesh passed to ``muon``.
-    dimension_numbers: as for :func:`muonclip_jax.scale_by_muon`.
-    param_labels: as for :func:`muonclip_jax.muon` (default routing); AdamW
-      leaves are listed as such.
-    coeffs, steps, method: the Newton–Schulz options (for FLOP counts).
-    switch: as for :func:`mesh_orthogonalizer`.
+  ``str(plan_muon_sharding(...))``: see :func:`muonclip_jax.plan_muon_sharding`
+  for the arguments and the structured plan.
 
   Returns:
-    Per leaf: parameter shape and sharding, matrix view, operand, how the
-    operand moves, devices computing it and pad slots; per operand: matrices,
-    slots per device; in total: busiest device's Newton–Schulz FLOPs against
-    the ideal ``total / n``. A plan from shapes and shardings only: with
-    several JAX processes every process gets the same text for a mesh over
-    all their devices (print it on process 0).
+    A header line (busiest device's Newton–Schulz FLOPs against the ideal
+    ``total / n``, the collectives and bytes per device), then per leaf:
+    parameter shape and sharding, matrix view, operand, how the operand
+    moves, devices computing it and pad slots; then the operands.
   """
-  from muonclip_jax._coefficients import resolve_coefficients
-  from muonclip_jax._muon import NSOptions, _dims_lookup
-  from muonclip_jax._routing import MUON, resolve_labels
-
-  dims_fn = _dims_lookup(dimension_numbers)
-  ns = NSOptions(resolve_coefficients(coeffs, steps), None, method, None, 1e-7)
-  flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  labels = jax.tree.leaves(resolve_labels(params, param_labels))
-  orth = MeshOrthogonalizer(mesh, switch)
-  rows_adam, idx, shapes, dtypes, specs, known = [], [], [], [], [], []
-  for (p, x), label in zip(flat, labels, strict=True):
-    path, shape = path_str(p), tuple(x.shape)
-    s = getattr(x, "sharding", None)
-    spec = s.spec if isinstance(s, NamedSharding) else None
-    if label != MUON:
-      rows_adam.append((path, shape, spec))
-      continue
-    batch, red, out = normalize_axes(path, shape, dims_fn(path, shape))
-    shapes.append((math.prod(shape[d] for d in batch), math.prod(shape[d] for d in red),
-                   math.prod(shape[d] for d in out)))
-    dtypes.append(x.dtype)
-    vs = None if spec is None else view_spec(spec, shape, batch, red, out)
-    specs.append(vs)
-    known.append(vs is not None)
-    idx.append((path, shape, spec))
-  plan = orth.plan(shapes, dtypes, ns, specs)
-  of = {}
-  for t, a in enumerate(plan.arrays):
-    for i in a.members:
-      of[i] = t
-  header = ["leaf", "shape", "sharding", "matrices", "operand", "moved by", "devices", "pads"]
-  lines = []
-  for i, (path, shape, spec) in enumerate(idx):
-    a = plan.arrays[of[i]]
-    b_, fi, fo = shapes[i]
-    mark = " (T)" if a.transposed[a.members.index(i)] else ""
-    lines.append([path, "x".join(map(str, shape)), str(spec) if spec is not None else "?",
-                  f"{b_} x {fi}x{fo}{mark}", str(of[i]),
-                  _describe(a, orth.axes, known[i]),
-                  f"{sum(1 for k in a.counts if k)}/{orth.n}", str(a.padding)])
-  for path, shape, spec in rows_adam:
-    lines.append([path, "x".join(map(str, shape)), str(spec) if spec is not None else "?",
-                  "-", "-", "AdamW (elementwise, in place)", "-", "-"])
-  widths = [max(len(r[k]) for r in [header] + lines) for k in range(len(header))]
-  fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-  ideal = plan.total_flops / orth.n if plan.total_flops else 0.0
-  ratio = plan.per_device_flops / ideal if ideal else float("nan")
-  out = [f"Muon on mesh {dict(orth.sizes)} ({orth.n} devices): {len(plan.arrays)} operand(s), "
-         f"{len(plan.patterns)} device pattern(s); busiest device "
-         f"{plan.per_device_flops:.3g} Newton–Schulz FLOPs = {ratio:.3f} x ideal "
-         f"({plan.total_flops:.3g} / {orth.n})", fmt(header), fmt(["-" * w for w in widths])]
-  out += [fmt(r) for r in lines]
-  out.append("operands: " + "; ".join(
-      f"{t}: {a.count} x {a.rows}x{a.cols} {a.dtype.name}, {a.slots} slot(s)/device"
-      for t, a in enumerate(plan.arrays)))
-  return "\n".join(out)
+  return str(plan_muon_sharding(params, mesh, dimension_numbers, param_labels=param_labels,
+                                coeffs=coeffs, steps=steps, method=method, switch=switch))

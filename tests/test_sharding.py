@@ -28,14 +28,11 @@ import muonclip_jax as mc
 from muonclip_jax._coefficients import resolve_coefficients
 from muonclip_jax._dimensions import default_dimension_numbers
 from muonclip_jax._hlo import collective_stats, compiled_flops
-from muonclip_jax._muon import NSOptions, orthogonalize_matrices, plan_leaves
-from muonclip_jax._sharding import (
-  _ns_flops,
-  mesh_orthogonalizer,
-  muon_sharding_summary,
-  plan_mesh,
-  view_spec,
-)
+from muonclip_jax._mesh_plan import ns_flops as _ns_flops
+from muonclip_jax._mesh_plan import plan_mesh, view_spec
+from muonclip_jax._muon import plan_leaves
+from muonclip_jax._newton_schulz import NSOptions, Orthogonalizer
+from muonclip_jax._sharding import mesh_orthogonalizer, muon_sharding_summary
 
 ATOL = 2e-5
 NS = NSOptions(resolve_coefficients("keller"), None, "auto", None, 1e-7)
@@ -382,5 +379,5 @@ def test_orthogonalizer_without_specs_is_correct():
   mats = [_rand(rng, (3, 32, 64)), _rand(rng, (5, 64, 32)), _rand(rng, (1, 48, 48))]
   orth = mesh_orthogonalizer(mesh)
   got = jax.jit(lambda ms: orth(ms, NS))(mats)
-  want = jax.jit(lambda ms: orthogonalize_matrices(ms, NS))(mats)  # one compile, not per op
+  want = jax.jit(lambda ms: Orthogonalizer()(ms, NS))(mats)  # one compile, not per op
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
