@@ -16,9 +16,11 @@ plan; this module only decides it):
    longest processing time first (Graham 1969), heaviest first onto the least
    loaded device (:func:`_place_leftovers`). A lone matrix is computed on
    every device instead when that does not load the busiest device more.
-3. **Lay out** (:func:`_layout`). Each device's matrices are padded with zero
+3. **Level** (:func:`_level`). Each batch shard of a batch-sharded operand
+   gives fewer of its matrices to the devices that got large pooled ones.
+4. **Lay out** (:func:`_layout`). Each device's matrices are padded with zero
    matrices to a whole number of slots; each device computes only its real
-   matrices (one :func:`jax.lax.switch` branch per pattern of counts).
+   matrices (per operand, one :func:`jax.lax.switch` branch per count).
 
 The plan needs only shapes, dtypes, view shardings and the mesh's axis sizes:
 :func:`plan_muon_sharding` takes ``jax.ShapeDtypeStruct`` leaves on a
@@ -94,7 +96,8 @@ class ArrayPlan(NamedTuple):
       ``(member, index)`` of a matrix or ``None`` for a zero pad; device
       ``t`` (in ``order``) gets positions ``[t * slots, (t + 1) * slots)``.
       ``None`` for batch-sharded members: their local blocks are joined on
-      each device in member order and padded there.
+      each device in member order; device ``t`` of each batch shard (``m``
+      devices) gets the next ``counts[t]`` of them, padded to ``slots``.
     slots: matrices per device.
     counts: matrices each device computes (pads excluded), by number in ``order``.
     flops: Newton–Schulz FLOPs of one matrix.
@@ -134,18 +137,33 @@ class MeshPlan(NamedTuple):
 
   Attributes:
     arrays: the operands (one per shape and sharding).
-    patterns: distinct per-device tuples of real-matrix counts, one per
-      :func:`jax.lax.switch` branch (one pattern: no switch).
-    branch_of: per device (numbered in mesh-axis order), its pattern.
+    branches: per operand, the distinct numbers of real matrices its devices
+      compute, one :func:`jax.lax.switch` branch each (``(slots,)`` when every
+      device computes every slot, pads included).
+    branch_of: per operand, per device (numbered in mesh-axis order), its
+      branch.
     per_device_flops: Newton–Schulz FLOPs of the busiest device.
     total_flops: Newton–Schulz FLOPs of all real matrices.
   """
 
   arrays: tuple[ArrayPlan, ...]
-  patterns: tuple[tuple[int, ...], ...]
-  branch_of: tuple[int, ...]
+  branches: tuple[tuple[int, ...], ...]
+  branch_of: tuple[tuple[int, ...], ...]
   per_device_flops: int
   total_flops: int
+
+
+class _Stay(NamedTuple):
+  """Batch-sharded inputs of one shape and sharding: each batch shard stays put."""
+
+  rows: int
+  cols: int
+  dtype: jnp.dtype
+  spec: ViewSpec
+  order: Axes
+  members: tuple[int, ...]
+  local: int  # matrices per batch shard (the members' local blocks, joined)
+  flops: int
 
 
 class _Pool(NamedTuple):
@@ -197,24 +215,12 @@ def _numbering(order: Axes, sizes: Mapping[str, int]) -> list[int]:
   return out
 
 
-def _batch_counts(local: int, slots: int, m: int, n: int) -> tuple[int, ...]:
-  """Real matrices per device of a batch-sharded operand.
-
-  Each group of ``m`` devices (one batch shard) holds ``local`` matrices,
-  padded to ``slots * m``; device ``t`` of the group gets slots
-  ``[t * slots, (t + 1) * slots)``, so the count is ``local - t * slots``
-  clipped to ``[0, slots]``.
-  """
-  return tuple(min(max(local - (t % m) * slots, 0), slots) for t in range(n))
-
-
 def _group_operands(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
                     specs: Sequence[ViewSpec | None], sizes: Mapping[str, int],
-                    ns: NSOptions) -> tuple[list[ArrayPlan], dict[tuple[Any, ...], list[int]],
+                    ns: NSOptions) -> tuple[list[_Stay], dict[tuple[Any, ...], list[int]],
                                             dict[int, bool]]:
-  """Step 1: batch-sharded operands (final) and pools of the rest, by shape and sharding."""
+  """Step 1: batch-sharded operands, and pools of the rest, by shape and sharding."""
   axes = tuple(sizes)
-  n = axes_size(axes, sizes)
   stay: dict[tuple[Any, ...], list[int]] = {}
   pooled: dict[tuple[Any, ...], list[int]] = {}
   transpose: dict[int, bool] = {}
@@ -230,16 +236,11 @@ def _group_operands(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any
       stay.setdefault(key + (wide,), []).append(i)
     else:  # Unsharded, or an uneven batch sharding (gathered).
       pooled.setdefault(key + (((),) + wide[1:],), []).append(i)
-  arrays = []
-  for (rows, cols, dt, spec), members in stay.items():
-    b_size = axes_size(spec[0], sizes)
-    m = n // b_size  # devices per batch shard
-    local = sum(shapes[i][0] for i in members) // b_size
-    slots = -(-local // m)
-    arrays.append(ArrayPlan(rows, cols, jnp.dtype(dt), spec, _order(spec, axes), tuple(members),
-                            tuple(transpose[i] for i in members), None, slots,
-                            _batch_counts(local, slots, m, n), ns_flops(rows, cols, ns)))
-  return arrays, pooled, transpose
+  stays = [_Stay(rows, cols, jnp.dtype(dt), spec, _order(spec, axes), tuple(members),
+                 sum(shapes[i][0] for i in members) // axes_size(spec[0], sizes),
+                 ns_flops(rows, cols, ns))
+           for (rows, cols, dt, spec), members in stay.items()]
+  return stays, pooled, transpose
 
 
 def _place_leftovers(base: Sequence[int], pools: Sequence[_Pool],
@@ -270,16 +271,60 @@ def _place_leftovers(base: Sequence[int], pools: Sequence[_Pool],
   return placed, max(load for load, _ in heap)
 
 
-def _place(stay: Sequence[ArrayPlan], pooled: Mapping[tuple[Any, ...], list[int]],
+def _fill(profile: Sequence[float], local: int, flops: int, slots: int) -> list[int]:
+  """Matrices per position: each next one onto the least-loaded position with room."""
+  heap = [(x, t) for t, x in enumerate(profile)]
+  heapq.heapify(heap)
+  counts = [0] * len(profile)
+  for _ in range(local):
+    load, t = heapq.heappop(heap)
+    counts[t] += 1
+    if counts[t] < slots:
+      heapq.heappush(heap, (load + flops, t))
+  return counts
+
+
+def _level(stay: _Stay, load: Sequence[float], sizes: Mapping[str, int]) -> tuple[int, list[int]]:
+  """Slots and per-position counts of a batch-sharded operand, around ``load``.
+
+  Every batch shard (a group of ``m`` devices) splits its ``local`` matrices
+  the same way over its ``m`` positions: fewer to a position whose busiest
+  device (over the groups) already carries large matrices of the pools. More
+  slots than ``ceil(local / m)`` (pads: more bytes moved) are taken only
+  while they lower the busiest device.
+  """
+  n = len(load)
+  m = n // axes_size(stay.spec[0], sizes)
+  numbering = _numbering(stay.order, sizes)
+  profile = [0.0] * m
+  for p, t in enumerate(numbering):
+    profile[t % m] = max(profile[t % m], load[p])
+  slots = -(-stay.local // m)
+  counts = _fill(profile, stay.local, stay.flops, slots)
+  peak = max(x + c * stay.flops for x, c in zip(profile, counts, strict=True))
+  for more in range(slots + 1, 2 * slots + 1):
+    trial = _fill(profile, stay.local, stay.flops, more)
+    cost = max(x + c * stay.flops for x, c in zip(profile, trial, strict=True))
+    if cost >= peak:
+      break
+    slots, counts, peak = more, trial, cost
+  return slots, counts
+
+
+def _place(stays: Sequence[_Stay], pooled: Mapping[tuple[Any, ...], list[int]],
            shapes: Sequence[tuple[int, int, int]], sizes: Mapping[str, int],
-           ns: NSOptions) -> tuple[list[_Pool], list[tuple[int, int, int, int]], set[int]]:
-  """Step 2: an equal share of each pool per device, then the leftovers by LPT."""
+           ns: NSOptions) -> tuple[list[_Pool], list[tuple[int, int, int, int]], set[int],
+                                   list[tuple[int, list[int]]]]:
+  """Step 2: pooled matrices by LPT, then batch-sharded ones levelled around them.
+
+  The pools are placed on top of the batch-sharded operands' average load; then
+  each batch-sharded operand (heaviest first) gives fewer matrices to the
+  positions that got large pooled ones (:func:`_level`).
+  """
   axes = tuple(sizes)
   n = axes_size(axes, sizes)
-  base = [0] * n  # per device, in mesh order
-  for a in stay:
-    for p, t in enumerate(_numbering(a.order, sizes)):
-      base[p] += a.counts[t] * a.flops
+  average = sum(x.local * axes_size(x.spec[0], sizes) * x.flops for x in stays) / n
+  base = [average] * n
   pools, leftovers = [], []
   for (rows, cols, dt, spec), members in pooled.items():
     mats = tuple((j, k) for j, i in enumerate(members) for k in range(shapes[i][0]))
@@ -297,7 +342,20 @@ def _place(stay: Sequence[ArrayPlan], pooled: Mapping[tuple[Any, ...], list[int]
     if cost <= busiest:
       replicated.add(d)
       placed, busiest = trial, cost
-  return pools, placed, replicated
+  load = [float(sum(x.quota * x.flops for x in pools)
+                + sum(pools[d].flops for d in replicated))] * n
+  for d, _, _, p in placed:
+    load[p] += pools[d].flops
+  levels = []
+  for stay in sorted(stays, key=lambda x: -x.local * x.flops):
+    slots, counts = _level(stay, load, sizes)
+    m = len(counts)
+    for p, t in enumerate(_numbering(stay.order, sizes)):
+      load[p] += counts[t % m] * stay.flops
+    levels.append((slots, counts))
+  order = sorted(range(len(stays)), key=lambda i: -stays[i].local * stays[i].flops)
+  by_stay = [levels[order.index(i)] for i in range(len(stays))]
+  return pools, placed, replicated, by_stay
 
 
 def _layout(pools: Sequence[_Pool], placed: Sequence[tuple[int, int, int, int]],
@@ -344,8 +402,9 @@ def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
     axis_sizes: mesh axis name -> size, in mesh order.
     ns: the Newton–Schulz options (for the per-matrix cost).
     switch: let each device skip its pads with a :func:`jax.lax.switch` branch
-      per pattern of counts. With ``False``, or more than ``MAX_BRANCHES``
-      patterns, every device computes every slot, pads included.
+      per distinct count of an operand. With ``False`` (or, for an operand,
+      more than ``MAX_BRANCHES`` distinct counts), every device computes every
+      slot of it, pads included.
 
   Returns:
     A :class:`MeshPlan` (see the module docstring for the three steps).
@@ -353,21 +412,27 @@ def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
   sizes = dict(axis_sizes)
   n = axes_size(tuple(sizes), sizes)
   specs = [None] * len(shapes) if specs is None else list(specs)
-  stay, pooled, transpose = _group_operands(shapes, dtypes, specs, sizes, ns)
-  pools, placed, replicated = _place(stay, pooled, shapes, sizes, ns)
-  arrays = stay + _layout(pools, placed, replicated, transpose, sizes)
+  stays, pooled, transpose = _group_operands(shapes, dtypes, specs, sizes, ns)
+  pools, placed, replicated, levels = _place(stays, pooled, shapes, sizes, ns)
+  arrays = [ArrayPlan(x.rows, x.cols, x.dtype, x.spec, x.order, x.members,
+                      tuple(transpose[i] for i in x.members), None, slots,
+                      tuple(counts[t % len(counts)] for t in range(n)), x.flops)
+            for x, (slots, counts) in zip(stays, levels, strict=True)]
+  arrays += _layout(pools, placed, replicated, transpose, sizes)
 
-  numberings = {a.order: _numbering(a.order, sizes) for a in arrays}
-  per_device = [tuple(a.counts[numberings[a.order][p]] for a in arrays) for p in range(n)]
-  patterns = sorted(set(per_device))
-  if not switch or len(patterns) > MAX_BRANCHES:
-    patterns = [tuple(a.slots for a in arrays)]
-    per_device = patterns * n
-  busiest = max(sum(c * a.flops for c, a in zip(pat, arrays, strict=True)) for pat in patterns)
+  branches, branch_of = [], []
+  load = [0] * n
+  for a in arrays:
+    per_device = [a.counts[t] for t in _numbering(a.order, sizes)]  # mesh order
+    distinct = sorted(set(per_device))
+    if not switch or len(distinct) > MAX_BRANCHES:
+      distinct, per_device = [a.slots], [a.slots] * n
+    index = {k: b for b, k in enumerate(distinct)}
+    branches.append(tuple(distinct))
+    branch_of.append(tuple(index[k] for k in per_device))
+    load = [x + k * a.flops for x, k in zip(load, per_device, strict=True)]
   total = sum(a.count * a.flops for a in arrays)
-  index = {pat: t for t, pat in enumerate(patterns)}
-  return MeshPlan(tuple(arrays), tuple(patterns), tuple(index[pat] for pat in per_device),
-                  busiest, total)
+  return MeshPlan(tuple(arrays), tuple(branches), tuple(branch_of), max(load), total)
 
 
 def _entry_axes(entry: Any) -> Axes:
@@ -581,7 +646,7 @@ def _format(plan: MuonShardingPlan) -> str:
   mp = plan.mesh_plan
   counts = ", ".join(f"{k} {v}" for k, v in sorted(plan.collective_counts.items())) or "none"
   out = [f"Muon on mesh {plan.axis_sizes} ({plan.num_devices} devices): {len(mp.arrays)} "
-         f"operand(s), {len(mp.patterns)} device pattern(s); busiest device "
+         f"operand(s), {sum(map(len, mp.branches))} branch(es); busiest device "
          f"{plan.busiest_flops:.3g} Newton–Schulz FLOPs = {plan.flops_ratio:.3f} x ideal "
          f"({mp.total_flops:.3g} / {plan.num_devices}); per device: {counts}, "
          f"{plan.moved_bytes / 2**20:.4g} MiB sent and received",

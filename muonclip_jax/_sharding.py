@@ -110,6 +110,7 @@ class _Undo(NamedTuple):
   rows: Axes
   cols: Axes
   sizes: tuple[int, ...]  # local batch of each member (joined on device)
+  counts: tuple[int, ...] | None  # batch-sharded: real matrices per position
 
 
 class MeshOrthogonalizer:
@@ -185,12 +186,14 @@ class MeshOrthogonalizer:
       if c:
         x = jax.lax.all_gather(x, c, axis=2, tiled=True)
       return x, None
-    # Batch-sharded members are joined on device (no communication).
+    # Batch-sharded members are joined on device (no communication); position
+    # t of the batch shard gets the next counts[t] matrices, padded to slots.
     x = xs[0] if len(xs) == 1 else jnp.concatenate(xs)
     rep = tuple(ax for ax in self.axes if ax not in b + r + c)
-    per_shard = a.slots * (self.n // axes_size(b, self.sizes))
-    if x.shape[0] < per_shard:  # pad a batch-sharded operand on device
-      x = jnp.concatenate([x, jnp.zeros((per_shard - x.shape[0],) + x.shape[1:], x.dtype)])
+    m = self.n // axes_size(b, self.sizes)
+    per_shard = a.slots * m
+    if a.cells is None and x.shape[0] < per_shard:
+      x = _spread(x, a.counts[:m], a.slots)
     if rep:  # replicated axes: each device keeps its slice of the batch
       size = per_shard // axes_size(rep, self.sizes)
       x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(rep) * size, size, axis=0)
@@ -199,7 +202,8 @@ class MeshOrthogonalizer:
       x = jax.lax.all_to_all(x, r, split_axis=0, concat_axis=1, tiled=True)
     if c:
       x = jax.lax.all_to_all(x, c, split_axis=0, concat_axis=2, tiled=True)
-    return x, _Undo(rep, r, c, tuple(v.shape[0] for v in xs))
+    spread = a.counts[:m] if a.cells is None else None
+    return x, _Undo(rep, r, c, tuple(v.shape[0] for v in xs), spread)
 
   def _reshard_out(self, a: ArrayPlan, y: jax.Array, undo: _Undo | None) -> list[jax.Array]:
     """The reverse of :meth:`_reshard_in`: each member's local block."""
@@ -216,29 +220,32 @@ class MeshOrthogonalizer:
       y = jax.lax.all_to_all(y, undo.rows, split_axis=1, concat_axis=0, tiled=True)
     if undo.rep:
       y = jax.lax.all_gather(y, undo.rep, axis=0, tiled=True)
+    if undo.counts is not None and sum(undo.counts) < y.shape[0]:
+      y = _gather_real(y, undo.counts, y.shape[0] // len(undo.counts))
     starts = np.cumsum((0,) + undo.sizes)
     return [y[s:e] for s, e in zip(starts[:-1], starts[1:], strict=True)]
 
   def _compute(self, plan: MeshPlan, fns: Sequence[Callable[[jax.Array], jax.Array]],
                whole: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
-    """Newton–Schulz on this device's real matrices (its branch skips the pads)."""
-    def branch(pattern: tuple[int, ...]) -> Callable[..., tuple[jax.Array, ...]]:
-      def run(*ws: jax.Array) -> tuple[jax.Array, ...]:
-        ys = []
-        for f, w, k in zip(fns, ws, pattern, strict=True):
-          if k == 0:
-            ys.append(w)
-          elif k == w.shape[0]:
-            ys.append(f(w))
-          else:
-            ys.append(jnp.concatenate([f(w[:k]), w[k:]]))
-        return tuple(ys)
+    """Newton–Schulz on this device's real matrices (a branch per count skips pads)."""
+    def first(f: Callable[[jax.Array], jax.Array], k: int) -> Callable[[jax.Array], jax.Array]:
+      def run(w: jax.Array) -> jax.Array:
+        if k == 0:
+          return w
+        if k == w.shape[0]:
+          return f(w)
+        return jnp.concatenate([f(w[:k]), w[k:]])
       return run
 
-    if len(plan.patterns) == 1:
-      return branch(plan.patterns[0])(*whole)
-    idx = jnp.asarray(np.asarray(plan.branch_of, np.int32))[jax.lax.axis_index(self.axes)]
-    return jax.lax.switch(idx, [branch(p) for p in plan.patterns], *whole)
+    ys = []
+    me = jax.lax.axis_index(self.axes)
+    for f, w, counts, of in zip(fns, whole, plan.branches, plan.branch_of, strict=True):
+      if len(counts) == 1:
+        ys.append(first(f, counts[0])(w))
+        continue
+      idx = jnp.asarray(np.asarray(of, np.int32))[me]
+      ys.append(jax.lax.switch(idx, [first(f, k) for k in counts], w))
+    return tuple(ys)
 
   # -- output shardings --------------------------------------------------------------
 
@@ -291,6 +298,23 @@ class MeshOrthogonalizer:
           lambda s, x: x if s is None else jax.lax.with_sharding_constraint(x, s),
           targets, out, is_leaf=lambda s: s is None)
     return wrapped
+
+
+def _spread(x: jax.Array, counts: Sequence[int], slots: int) -> jax.Array:
+  """``counts[t]`` consecutive matrices of ``x`` then zero pads, for each position ``t``."""
+  pieces, at = [], 0
+  for k in counts:
+    if k:
+      pieces.append(x[at:at + k])
+    if slots - k:
+      pieces.append(jnp.zeros((slots - k,) + x.shape[1:], x.dtype))
+    at += k
+  return jnp.concatenate(pieces)
+
+
+def _gather_real(y: jax.Array, counts: Sequence[int], slots: int) -> jax.Array:
+  """The inverse of :func:`_spread`: the real matrices, in order."""
+  return jnp.concatenate([y[t * slots:t * slots + k] for t, k in enumerate(counts) if k])
 
 
 def _pack(plan: MeshPlan, mats: Sequence[jax.Array]) -> tuple[list[jax.Array], tuple[P, ...]]:
