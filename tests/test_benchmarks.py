@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from benchmarks import logit_explosion, muon_step, newton_schulz, token_efficiency
+from benchmarks import logit_explosion, muon_step, newton_schulz, scale_plan, token_efficiency
 from muonclip_jax._newton_schulz import choose_method
 
 
@@ -22,6 +22,16 @@ def test_muon_step_benchmark_runs():
   assert paths(muon_step.QUICK_LAYER) == paths(muon_step.LAYER)
   md = muon_step.run(layers=1, rounds=1, shapes=muon_step.QUICK_LAYER)
   assert "optax.contrib.muon" in md and "Ratio ours / optax.contrib.muon" in md
+
+
+def test_scale_plan_tree_is_kimi_k2_sized_and_balanced():
+  total, active = scale_plan.param_counts()
+  # Kimi K2 (arXiv 2507.20534): 1.04T total, 32.6B activated (the MTP layer and
+  # rounding account for the rest).
+  assert abs(total / 1.04e12 - 1) < 0.02 and abs(active / 32.6e9 - 1) < 0.02
+  result = scale_plan.study(2048)  # no devices: an AbstractMesh
+  assert result["ratio"] < 1.05 and result["x_ratio"] > 4
+  assert result["moved"] < result["x_moved"] / 10
 
 
 def test_logit_explosion_quick():
