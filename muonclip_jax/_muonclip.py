@@ -13,10 +13,14 @@ every attention head whose max logit ``S_max^h`` exceeded ``tau``:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import jax
 import optax
 
+from muonclip_jax._coefficients import CoeffsLike
+from muonclip_jax._dimensions import DimensionNumbersLike
 from muonclip_jax._muon import muon
 from muonclip_jax._qk_clip import LayoutsLike, Schedule, qk_clip
 from muonclip_jax._qk_layouts import GQASharing
@@ -25,17 +29,35 @@ from muonclip_jax._qk_layouts import GQASharing
 def muonclip(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    tau: float = 100.0,
-    weight_decay: float = 0.1,
+    tau: jax.typing.ArrayLike = 100.0,
+    weight_decay: jax.typing.ArrayLike = 0.1,
     layouts: LayoutsLike = None,
     gqa_sharing: GQASharing = "query",
     gqa_alpha: float = 0.5,
     auto_detect: bool = True,
     strict: bool = True,
     every_k_schedule: Schedule | None = None,
-    **muon_kwargs: Any,
+    weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
+    beta: jax.typing.ArrayLike = 0.95,
+    nesterov: bool = True,
+    coeffs: CoeffsLike = "keller",
+    steps: int | None = None,
+    ns_dtype: jax.typing.DTypeLike | None = None,
+    method: str = "auto",
+    restarts: Sequence[int] | None = None,
+    eps: float = 1e-7,
+    shape_scaling: str | None = "rms",
+    rms_scale: jax.typing.ArrayLike = 0.2,
+    mu_dtype: jax.typing.DTypeLike | None = None,
+    adam_learning_rate: optax.ScalarOrSchedule | None = None,
+    adam_b1: jax.typing.ArrayLike = 0.9,
+    adam_b2: jax.typing.ArrayLike = 0.95,
+    adam_eps: jax.typing.ArrayLike = 1e-8,
+    param_labels: Any | Callable[[optax.Params], Any] | None = None,
+    dimension_numbers: DimensionNumbersLike = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  """MuonClip (Kimi K2, arXiv 2507.20534): ``chain(muon(...), qk_clip(...))``.
+  r"""MuonClip (Kimi K2, arXiv 2507.20534): ``chain(muon(...), qk_clip(...))``.
 
   ``update(grads, state, params, max_logits=stats)`` needs the statistics
   sown by the attention layers in this step's forward pass (see
@@ -45,24 +67,65 @@ def muonclip(
     optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
     optimizer.update(model, grads, max_logits=stats)
 
+  Every argument is a keyword of its own, so ``optax.inject_hyperparams``
+  can schedule any numeric one (``learning_rate``, ``tau``,
+  ``weight_decay``, ...).
+
   Args:
     learning_rate: learning rate or schedule (both Muon and AdamW branches
-      unless ``adam_learning_rate`` is given in ``muon_kwargs``).
+      unless ``adam_learning_rate`` is given).
     tau: the QK-Clip logit bound (K2: 100).
     weight_decay: decoupled weight decay for both branches (K2: 0.1).
-    layouts, gqa_sharing, gqa_alpha, auto_detect, strict: see
-      :func:`muonclip_jax.qk_clip`.
+    layouts: where attention layers keep their query/key weights (see
+      :func:`muonclip_jax.qk_clip`).
+    gqa_sharing: how a shared key head is clipped (see :func:`muonclip_jax.qk_clip`).
+    gqa_alpha: the query/key split of the factor (see :func:`muonclip_jax.qk_clip`).
+    auto_detect: find Flax attention modules without ``layouts``.
+    strict: raise on statistics that match no attention parameters.
     every_k_schedule: gradient accumulation: wrap Muon in
       ``optax.MultiSteps(muon, every_k_schedule)`` and clip once per emitted
       update with the max of the micro-batches' statistics (never their sum).
-    **muon_kwargs: passed to :func:`muonclip_jax.muon` (``beta``, ``coeffs``,
-      ``ns_dtype``, ``adam_learning_rate``, ``param_labels``, ``mesh``, ...).
+    weight_decay_mask: see :func:`muonclip_jax.muon`.
+    beta: Muon's momentum coefficient (see :func:`muonclip_jax.scale_by_muon`).
+    nesterov: Nesterov momentum (see :func:`muonclip_jax.scale_by_muon`).
+    coeffs: Newton–Schulz preset or coefficients.
+    steps: Newton–Schulz steps (default: the preset's).
+    ns_dtype: Newton–Schulz compute dtype.
+    method: ``"auto"``, ``"standard"`` or ``"gram"``.
+    restarts: Gram-path restarts.
+    eps: added to the Frobenius norm.
+    shape_scaling: ``"rms"``, ``"keller"`` or ``None``.
+    rms_scale: target update RMS for ``"rms"``.
+    mu_dtype: dtype of the momentum buffers.
+    adam_learning_rate: the AdamW branch's learning rate (default: ``learning_rate``).
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps: AdamW's epsilon.
+    param_labels: routing override (see :func:`muonclip_jax.muon`).
+    dimension_numbers: fan-in/fan-out axes per leaf (see :func:`muonclip_jax.scale_by_muon`).
+    mesh: device-local Newton–Schulz on this mesh (see :func:`muonclip_jax.scale_by_muon`).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``.
+
+  Raises:
+    ValueError: the errors of :func:`muonclip_jax.muon` and
+      :func:`muonclip_jax.qk_clip` (naming the parameter path).
+
+  References:
+    Kimi Team, `Kimi K2: Open Agentic Intelligence
+    <https://arxiv.org/abs/2507.20534>`_, 2025 (Algorithm 1, §2.1).
+
+    Liu et al., `Muon is Scalable for LLM Training
+    <https://arxiv.org/abs/2502.16982>`_, 2025.
   """
-  inner: optax.GradientTransformation = muon(learning_rate, weight_decay=weight_decay,
-                                             **muon_kwargs)
+  inner: optax.GradientTransformation = muon(
+      learning_rate, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, beta=beta,
+      nesterov=nesterov, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype, method=method,
+      restarts=restarts, eps=eps, shape_scaling=shape_scaling, rms_scale=rms_scale,
+      mu_dtype=mu_dtype, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
+      adam_b2=adam_b2, adam_eps=adam_eps, param_labels=param_labels,
+      dimension_numbers=dimension_numbers, mesh=mesh)
   if every_k_schedule is not None:
     inner = optax.MultiSteps(inner, every_k_schedule).gradient_transformation()
   return optax.chain(
