@@ -34,6 +34,7 @@ from muonclip_jax._qk_clip import (
   qk_clip,
   reduce_max_logits,
 )
+from muonclip_jax._qk_clip_metrics import qk_clip_metrics
 from muonclip_jax._qk_layouts import (
   QKLayout,
   QKParam,
@@ -73,6 +74,7 @@ __all__ = [
     "mla",
     "muonclip",
     "qk_clip",
+    "qk_clip_metrics",
     "qk_norm",
     "reduce_max_logits",
     "separate_qk",
