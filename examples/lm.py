@@ -355,8 +355,10 @@ def make_optimizer(cfg: OptimConfig, mesh: Mesh | None = None) -> optax.Gradient
     for its non-matrix parameters.
   * ``muon``: :func:`muonclip_jax.muon` (Muon on hidden matrices, AdamW on the
     embedding, LM head and norms).
-  * ``muonclip``: :func:`muonclip_jax.muonclip`, whose ``update`` takes
-    ``max_logits=`` (see :func:`uses_max_logits`).
+  * ``muonclip``: :func:`muonclip_jax.muonclip`.
+
+  All three take ``update(..., max_logits=stats)`` (Muon and AdamW ignore it),
+  so one train step serves them all.
 
   ``mesh`` makes Muon's Newton–Schulz device-local (``muon(..., mesh=mesh)``).
   """
@@ -372,11 +374,6 @@ def make_optimizer(cfg: OptimConfig, mesh: Mesh | None = None) -> optax.Gradient
   if cfg.name == "muon":
     return muonclip_jax.muon(lr, **kwargs)
   return muonclip_jax.muonclip(lr, tau=cfg.tau, **kwargs)
-
-
-def uses_max_logits(name: str) -> bool:
-  """Whether the optimiser's ``update`` takes ``max_logits=``."""
-  return name == "muonclip"
 
 
 # --------------------------------------------------------------------------
@@ -538,15 +535,13 @@ def _compiled(model: ModelConfig, optim: OptimConfig, mesh_shape: tuple[int, int
   mesh = make_mesh(mesh_shape) if mesh_shape else None
   graphdef, _ = init_model(model, 0)
   tx = make_optimizer(optim, mesh)
-  with_stats = uses_max_logits(optim.name)
   num_layers = model.num_layers
 
   def train_step(params: dict[str, Any], opt_state: optax.OptState, x: jax.Array,
                  y: jax.Array) -> tuple[dict[str, Any], optax.OptState, jax.Array, jax.Array]:
     (loss, stats), grads = jax.value_and_grad(
         lambda p: loss_fn(graphdef, p, x, y), has_aux=True)(params)
-    extra = {"max_logits": stats} if with_stats else {}
-    updates, opt_state = tx.update(grads, opt_state, params, **extra)
+    updates, opt_state = tx.update(grads, opt_state, params, max_logits=stats)
     params = optax.apply_updates(params, updates)
     heads = head_max_logits(stats, num_layers)
     if mesh is not None:  # the inputs' layout; metrics replicated, for every process to read
@@ -696,13 +691,14 @@ def clip_telemetry(opt_state: Any) -> dict[str, int]:
   """QK-Clip's counters from a MuonClip optimiser state (``{}`` for other optimisers).
 
   ``num_clipped``: heads clipped at the last step; ``clipped_total``: summed
-  over all steps (see :class:`muonclip_jax.QKClipState`).
+  over all steps (from :func:`muonclip_jax.qk_clip_metrics`).
   """
-  is_state = lambda x: isinstance(x, muonclip_jax.QKClipState)
-  for leaf in jax.tree.leaves(opt_state, is_leaf=is_state):
-    if is_state(leaf):
-      return {"num_clipped": int(leaf.num_clipped), "clipped_total": int(leaf.clipped_total)}
-  return {}
+  try:
+    m = muonclip_jax.qk_clip_metrics(opt_state)
+  except ValueError:  # no QK-Clip in this optimiser
+    return {}
+  return {"num_clipped": int(m["qk_clip/heads_clipped"]),
+          "clipped_total": int(m["qk_clip/heads_clipped_total"])}
 
 
 class Checkpointer:

@@ -212,8 +212,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "params": n_params,
       "seconds": seconds,
   }
-  if lm.uses_max_logits(args.optimizer):
-    summary["clipped_heads_total"] = lm.clip_telemetry(trainer.opt_state).get("clipped_total")
+  telemetry = lm.clip_telemetry(trainer.opt_state)
+  if telemetry:
+    summary["clipped_heads_total"] = telemetry["clipped_total"]
   if lead:  # one process writes the files
     json_path, csv_path = lm.save_metrics(m, cfg, args.out, extra={"summary": summary})
     title = f"{args.optimizer}" + (f" (tau={args.tau:g})" if args.optimizer == "muonclip"
@@ -222,7 +223,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                         tau=args.tau if args.optimizer == "muonclip" else None)
     summary["files"] = [str(p) for p in (json_path, csv_path, *plots)]
   say(json.dumps(summary, indent=1), flush=True)
+  say(qk_clip_report(args.optimizer, args.tau, summary["max_logit"],
+                     telemetry.get("clipped_total")), flush=True)
   return summary
+
+
+def qk_clip_report(optimizer: str, tau: float, max_logit: float | None,
+                   clipped_total: int | None) -> str:
+  """One line on what QK-Clip did in this run, and how to see it act."""
+  if max_logit is None:
+    return "QK-Clip: no steps run."
+  if clipped_total is None:
+    return (f"QK-Clip: off ({optimizer}); the largest attention logit reached "
+            f"{max_logit:.1f}. Run --optimizer muonclip to bound it.")
+  if clipped_total == 0:
+    hint = max(max_logit / 2, 1.0)
+    return (f"QK-Clip: max logit {max_logit:.1f} stayed below tau = {tau:g}, no head "
+            f"clipped. To see clipping, lower tau below it (e.g. --tau {hint:.0f}).")
+  return (f"QK-Clip: {clipped_total} head-steps clipped to tau = {tau:g} (largest logit "
+          f"before clipping {max_logit:.1f}); see max_logit.png.")
 
 
 if __name__ == "__main__":

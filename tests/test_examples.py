@@ -175,7 +175,8 @@ def test_mesh_run_matches_single_device(data: lm.ByteData) -> None:
 
 
 @pytest.mark.parametrize("name", ["muonclip", "muon", "adamw"])
-def test_cli_writes_metrics_and_plots(name: str, tmp_path: Path) -> None:
+def test_cli_writes_metrics_and_plots(name: str, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
   out = tmp_path / name
   summary = train_lm.main([
       "--optimizer", name, "--steps", "4", "--batch", "4", "--seq-len", "16",
@@ -190,8 +191,23 @@ def test_cli_writes_metrics_and_plots(name: str, tmp_path: Path) -> None:
   assert csv[0].startswith("step,loss,lr,val_loss,max_logit_layer0") and len(csv) == 5
   for png in ("loss.png", "max_logit.png"):
     assert (out / png).read_bytes()[:8] == PNG
+  report = capsys.readouterr().out.strip().splitlines()[-1]
+  assert report == train_lm.qk_clip_report(name, 3.0, summary["max_logit"],
+                                           summary.get("clipped_heads_total"))
   if name == "muonclip":
     assert summary["clipped_heads_total"] >= 0
+    assert "QK-Clip: " in report and "tau = 3" in report
+  else:
+    assert report.startswith(f"QK-Clip: off ({name})")
+
+
+def test_qk_clip_report_says_what_happened_and_how_to_see_it() -> None:
+  below = train_lm.qk_clip_report("muonclip", 100.0, 27.6, 0)
+  assert below == ("QK-Clip: max logit 27.6 stayed below tau = 100, no head clipped. "
+                   "To see clipping, lower tau below it (e.g. --tau 14).")
+  assert "12 head-steps clipped to tau = 20" in train_lm.qk_clip_report("muonclip", 20.0,
+                                                                        31.0, 12)
+  assert "--optimizer muonclip" in train_lm.qk_clip_report("muon", 100.0, 50.0, None)
 
 
 def test_cli_checkpoint_and_resume(tmp_path: Path) -> None:
@@ -239,7 +255,7 @@ def test_linen_step_clips_to_tau() -> None:
   params = model.init(jax.random.key(0), x)["params"]
   tau = 0.5
   tx = muonclip_jax.muonclip(0.0, tau=tau, weight_decay=0.0)  # isolate QK-Clip
-  step = train_linen.make_train_step(model, tx, clip=True)
+  step = train_linen.make_train_step(model, tx)
   params, _, _, before = step(params, tx.init(params), x, jnp.roll(x, -1, axis=1))
   assert float(before) > tau
   _, state = model.apply({"params": params}, x, mutable=["intermediates"])
