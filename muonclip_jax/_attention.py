@@ -60,8 +60,9 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
+from muonclip_jax._qk_layouts import MAX_LOGITS
+
 Array = jax.Array
-MAX_LOGITS = "max_logits"
 
 
 def _neg_inf_like(x: Array) -> Callable[[], Array]:

@@ -35,12 +35,13 @@ from typing import Any
 import jax
 from optax.contrib import MuonDimensionNumbers
 
+from muonclip_jax._paths import lower_components, path_str
+
 __all__ = [
     "MuonDimensionNumbers",
     "default_dimension_numbers",
     "matrix_view",
     "normalize_axes",
-    "path_str",
 ]
 
 _QKV = re.compile(
@@ -51,36 +52,12 @@ _OUT = re.compile(r"^(out|o|wo|o_proj|out_proj|attn_out|c_proj_attn|dense_out)$"
 _CONV = re.compile(r"conv", re.IGNORECASE)
 
 
-def path_str(path: Sequence[Any]) -> str:
-  """``'a/b/kernel'`` for a pytree key path.
-
-  The ``.value`` attribute key of a wrapped variable (``nnx.Param`` leaves, as
-  ``nnx.Optimizer`` passes them to ``init``) is dropped, so a parameter has the
-  same path wrapped or not.
-  """
-  return "/".join(key_str(k) for k in path
-                  if not (isinstance(k, jax.tree_util.GetAttrKey)
-                          and k.name in ("value", "raw_value")))
-
-
-def key_str(k: Any) -> str:
-  """The name of one pytree key: a dict key, an attribute name or a sequence index."""
-  for attr in ("key", "name", "idx"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _components(path: str) -> list[str]:
-  return [c.lower() for c in path.split("/") if c]
-
-
 def default_dimension_numbers(path: str, shape: Sequence[int]) -> MuonDimensionNumbers:
   """The dimension numbers for a parameter of ``shape`` at ``path`` (see module doc)."""
   ndim = len(shape)
   if ndim < 2:
     raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {tuple(shape)}")
-  comps = _components(path)
+  comps = lower_components(path)
   module = comps[-2] if len(comps) >= 2 else ""
   if ndim >= 3 and _QKV.match(module):
     return MuonDimensionNumbers(reduction_axis=ndim - 3, output_axis=(ndim - 2, ndim - 1))

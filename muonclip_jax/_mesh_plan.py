@@ -45,7 +45,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from muonclip_jax._coefficients import CoeffsLike, resolve_coefficients
-from muonclip_jax._dimensions import dimension_numbers_fn, normalize_axes, path_str
+from muonclip_jax._dimensions import dimension_numbers_fn, normalize_axes
 from muonclip_jax._newton_schulz import (
   NSOptions,
   check_method,
@@ -53,6 +53,7 @@ from muonclip_jax._newton_schulz import (
   default_restarts,
   newton_schulz_flops,
 )
+from muonclip_jax._paths import path_str
 from muonclip_jax._routing import MUON, resolve_labels
 
 __all__ = [

@@ -25,7 +25,6 @@ from muonclip_jax._dimensions import (
   dimension_numbers_fn,
   fan_in_out,
   matrix_view,
-  path_str,
 )
 from muonclip_jax._momentum import momentum_step
 from muonclip_jax._newton_schulz import (
@@ -34,6 +33,7 @@ from muonclip_jax._newton_schulz import (
   check_method,
   resolve_compute_dtype,
 )
+from muonclip_jax._paths import path_str
 from muonclip_jax._routing import ADAMW, MUON, resolve_labels
 from muonclip_jax._shape_scaling import check_shape_scaling, shape_scale
 from muonclip_jax._sharding import mesh_orthogonalizer

@@ -73,12 +73,11 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
 
-from muonclip_jax._attention import MAX_LOGITS
-from muonclip_jax._dimensions import key_str
+from muonclip_jax._paths import leaves_with_paths, show_path
 from muonclip_jax._qk_layouts import (
   GQA_SHARINGS,
+  MAX_LOGITS,
   GQASharing,
   Layer,
   Path,
@@ -86,7 +85,6 @@ from muonclip_jax._qk_layouts import (
   detect_flax_attention,
   factor_array,
   join,
-  path_str,
   resolve_layout,
   slot_factors,
 )
@@ -134,20 +132,6 @@ class QKClipState(NamedTuple):
 # Trees, paths and statistics.
 
 
-def _is_var(x: Any) -> bool:
-  return isinstance(x, nnx.Variable)
-
-
-def _unwrap(x: Any) -> Any:
-  return x.get_value() if _is_var(x) else x
-
-
-def _flatten(tree: Any) -> tuple[list[tuple[Path, Any]], Any]:
-  """``[(path, leaf)]`` with string keys (nnx Variables are unwrapped) and the treedef."""
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_var)
-  return [(tuple(key_str(k) for k in p), leaf) for p, leaf in leaves], treedef
-
-
 def _param_prefix(paths: list[Path]) -> int:
   """1 when every parameter sits under a top-level ``'params'`` (a linen variables dict)."""
   return 1 if paths and all(p and p[0] == "params" for p in paths) else 0
@@ -160,7 +144,7 @@ def collect_max_logits(max_logits: Any) -> dict[Path, jax.Array]:
   before it (a leading ``'intermediates'`` is dropped); several leaves of one
   module (Flax's default tuple ``sow``) are max-reduced.
   """
-  leaves, _ = _flatten(max_logits)
+  leaves, _ = leaves_with_paths(max_logits)
   grouped: dict[Path, list[jax.Array]] = {}
   for path, leaf in leaves:
     if MAX_LOGITS not in path:
@@ -169,12 +153,12 @@ def collect_max_logits(max_logits: Any) -> dict[Path, jax.Array]:
     module = path[:i]
     if module and module[0] == "intermediates":
       module = module[1:]
-    grouped.setdefault(module, []).append(jnp.asarray(_unwrap(leaf)))
+    grouped.setdefault(module, []).append(jnp.asarray(leaf))
   out = {}
   for module, values in grouped.items():
     shapes = {v.shape for v in values}
     if len(shapes) != 1:
-      raise ValueError(f"QK-Clip: statistics at {path_str(module)!r} have differing "
+      raise ValueError(f"QK-Clip: statistics at {show_path(module)!r} have differing "
                        f"shapes {sorted(shapes)}")
     v = values[0]
     for w in values[1:]:
@@ -279,13 +263,13 @@ def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: Layout
   for pattern, layout in items:
     if fnmatch.fnmatchcase("/".join(module), pattern):
       req = _required(layout, module) or []
-      missing = [path_str(r) for r in req if r not in shapes]
+      missing = [show_path(r) for r in req if r not in shapes]
       hint = (f" Layout {layout.name!r} (pattern {pattern!r}) matches the path but the "
               f"parameters {missing} do not exist.")
       break
-  known = ", ".join(repr(path_str(m)) for m in layers) or "none"
+  known = ", ".join(repr(show_path(m)) for m in layers) or "none"
   return ValueError(
-      f"QK-Clip: statistics at {path_str(module)!r} have no matching attention "
+      f"QK-Clip: statistics at {show_path(module)!r} have no matching attention "
       f"parameters (attention layers found: {known}).{hint} Sow max_logits in the module "
       f"that owns the query/key parameters, or describe them with layouts=.")
 
@@ -381,15 +365,15 @@ def qk_clip(
   schedule = _as_schedule(every_k_schedule)
 
   def find_layers(params: Any) -> tuple[dict[Path, Layer], int]:
-    leaves, _ = _flatten(params)
+    leaves, _ = leaves_with_paths(params)
     paths = [p for p, _ in leaves]
     cut = _param_prefix(paths)
-    shapes = {p[cut:]: tuple(jnp.shape(_unwrap(leaf))) for p, leaf in leaves}
+    shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
     return find_attention_layers(shapes, layouts, auto_detect), cut
 
   def init_fn(params: optax.Params) -> QKClipState:
     layers, _ = find_layers(params)
-    neg = {path_str(m): jnp.full(layer.lead + (layer.num_heads,), -jnp.inf, jnp.float32)
+    neg = {show_path(m): jnp.full(layer.lead + (layer.num_heads,), -jnp.inf, jnp.float32)
            for m, layer in layers.items()}
     zero = jnp.zeros([], jnp.int32)
     return QKClipState(max_logits=neg, num_clipped=zero, clipped_total=zero,
@@ -412,17 +396,17 @@ def qk_clip(
     stats = collect_max_logits(max_logits)
     for module, s in stats.items():
       if module not in layers:
-        leaves, _ = _flatten(params)
-        shapes = {p[cut:]: tuple(jnp.shape(_unwrap(leaf))) for p, leaf in leaves}
+        leaves, _ = leaves_with_paths(params)
+        shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
         raise _no_params_error(module, layers, layouts, shapes)
       layer = layers[module]
       want = layer.lead + (layer.num_heads,)
       if tuple(s.shape) != want:
-        raise ValueError(f"QK-Clip: statistics at {path_str(module)!r} have shape "
+        raise ValueError(f"QK-Clip: statistics at {show_path(module)!r} have shape "
                          f"{tuple(s.shape)}, expected {want} ([layers...,] heads) for "
                          f"layout {layer.layout.name!r}")
     if strict:
-      missing = [path_str(m) for m in layers if m not in stats]
+      missing = [show_path(m) for m in layers if m not in stats]
       if missing:
         raise ValueError(
             f"QK-Clip: no max_logits for attention layers {missing} (strict=True). Call "
@@ -432,7 +416,7 @@ def qk_clip(
     tau_ = jnp.asarray(tau, jnp.float32)
     if schedule is None:
       emit = jnp.asarray(True)
-      used = {path_str(m): s.astype(jnp.float32) for m, s in stats.items()}
+      used = {show_path(m): s.astype(jnp.float32) for m, s in stats.items()}
       new_acc = state.acc_max_logits
       mini_step = state.mini_step
     else:
@@ -441,7 +425,7 @@ def qk_clip(
       used = {}
       new_acc = dict(state.acc_max_logits)
       for m, s in stats.items():
-        name = path_str(m)
+        name = show_path(m)
         used[name] = jnp.maximum(state.acc_max_logits[name], s.astype(jnp.float32))
         new_acc[name] = jnp.where(emit, -jnp.inf, used[name])
       mini_step = jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32)
@@ -451,7 +435,7 @@ def qk_clip(
     num_skipped = jnp.zeros([], jnp.int32)
     for m in stats:
       layer = layers[m]
-      s = used[path_str(m)]
+      s = used[show_path(m)]
       valid = jnp.isfinite(s) & (s > 0)
       clip = valid & (s > tau_) & (tau_ > 0) & emit
       gamma = jnp.where(clip, tau_ / jnp.where(clip, s, 1.0), 1.0)
@@ -463,8 +447,8 @@ def qk_clip(
         factors[target.param] = factors[target.param] * full if target.param in factors \
             else full
 
-    u_leaves, treedef = _flatten(updates)
-    p_leaves, _ = _flatten(params)
+    u_leaves, treedef = leaves_with_paths(updates)
+    p_leaves, _ = leaves_with_paths(params)
     p_by_path = {p[cut:]: leaf for p, leaf in p_leaves}
     out = []
     for path, u in u_leaves:
@@ -472,11 +456,9 @@ def qk_clip(
       if f is None:
         out.append(u)
         continue
-      uu = _unwrap(u)
-      p = jnp.asarray(_unwrap(p_by_path[path[cut:]]), jnp.float32)
-      clipped = (p + uu.astype(jnp.float32)) * f - p
-      new = jnp.where(f != 1.0, clipped.astype(uu.dtype), uu)
-      out.append(u.replace(new) if _is_var(u) else new)
+      p = jnp.asarray(p_by_path[path[cut:]], jnp.float32)
+      clipped = (p + u.astype(jnp.float32)) * f - p
+      out.append(jnp.where(f != 1.0, clipped.astype(u.dtype), u))
     new_updates = jax.tree_util.tree_unflatten(treedef, out)
 
     telemetry = dict(state.max_logits)

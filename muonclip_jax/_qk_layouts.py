@@ -69,11 +69,15 @@ Examples (paths are relative to the module that called ``sow``)::
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from muonclip_jax._paths import show_path
+
+# The name under which attention modules sow the per-head statistic.
+MAX_LOGITS = "max_logits"
 
 Role = Literal["query", "key", "query_rope"]
 GQASharing = Literal["query", "group", "split"]
@@ -335,10 +339,6 @@ class Layer(NamedTuple):
   lead: tuple[int, ...]
 
 
-def path_str(path: Sequence[str]) -> str:
-  return "/".join(path) if path else "<root>"
-
-
 def join(module: Path, rel: str) -> Path:
   out = list(module)
   for part in rel.split("/"):
@@ -346,7 +346,7 @@ def join(module: Path, rel: str) -> Path:
       continue
     if part == "..":
       if not out:
-        raise ValueError(f"path {rel!r} climbs above the root from {path_str(module)!r}")
+        raise ValueError(f"path {rel!r} climbs above the root from {show_path(module)!r}")
       out.pop()
     else:
       out.append(part)
@@ -376,7 +376,7 @@ def _view(shape: tuple[int, ...], split: tuple[int, tuple[int, ...]] | None,
 def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Target:
   """Checks ``spec`` against the parameter's ``shape``; raises ``ValueError`` naming it."""
   param = join(module, spec.path)
-  where = f"QK-Clip layout entry {spec.path!r} at {path_str(param)!r} (shape {shape})"
+  where = f"QK-Clip layout entry {spec.path!r} at {show_path(param)!r} (shape {shape})"
   if spec.role not in _ROLES:
     raise ValueError(f"{where}: role must be one of {_ROLES}, got {spec.role!r}")
   if spec.ndim < 1 or spec.ndim > len(shape):
@@ -423,22 +423,22 @@ def resolve_layout(layout: QKLayout, module: Path,
     if param not in shapes:
       if spec.optional:
         continue
-      raise ValueError(f"QK-Clip layout {layout.name!r} at {path_str(module)!r}: no "
-                       f"parameter {path_str(param)!r}")
+      raise ValueError(f"QK-Clip layout {layout.name!r} at {show_path(module)!r}: no "
+                       f"parameter {show_path(param)!r}")
     targets.append(resolve_target(spec, module, shapes[param]))
-  where = f"QK-Clip layout {layout.name!r} at {path_str(module)!r}"
+  where = f"QK-Clip layout {layout.name!r} at {show_path(module)!r}"
   if not targets:
     raise ValueError(f"{where}: matches no parameter")
   leads = {t.lead for t in targets}
   if len(leads) != 1:
     raise ValueError(f"{where}: entries disagree on leading (layer) axes: "
-                     + ", ".join(f"{path_str(t.param)}: {t.lead}" for t in targets))
+                     + ", ".join(f"{show_path(t.param)}: {t.lead}" for t in targets))
   q_slots = [t.slots for t in targets if t.spec.role != "key"]
   k_slots = [t.slots for t in targets if t.spec.role == "key"]
   num_heads = layout.num_heads if layout.num_heads is not None else max(q_slots + k_slots)
   for t in targets:
     if num_heads % t.slots:
-      raise ValueError(f"{where}: {path_str(t.param)} has {t.slots} head slots, which do "
+      raise ValueError(f"{where}: {show_path(t.param)} has {t.slots} head slots, which do "
                        f"not divide num_heads={num_heads}")
   if len(set(k_slots)) > 1:
     raise ValueError(f"{where}: key entries disagree on the number of heads: {k_slots}")

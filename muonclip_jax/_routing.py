@@ -25,7 +25,7 @@ from typing import Any
 
 import jax
 
-from muonclip_jax._dimensions import path_str
+from muonclip_jax._paths import lower_components, path_str
 
 MUON = "muon"
 ADAMW = "adamw"
@@ -41,7 +41,7 @@ def default_label(path: str, ndim: int) -> str:
   """``"muon"`` or ``"adamw"`` for one parameter (see the module docstring)."""
   if ndim < 2:
     return ADAMW
-  comps = [c.lower() for c in path.split("/") if c]
+  comps = lower_components(path)
   if comps and comps[-1] in _ADAMW_LEAVES:
     return ADAMW
   for c in comps:

@@ -69,7 +69,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from muonclip_jax._dimensions import normalize_axes, path_str
+from muonclip_jax._dimensions import normalize_axes
 from muonclip_jax._mesh_plan import (
   ArrayPlan,
   Axes,
@@ -81,6 +81,7 @@ from muonclip_jax._mesh_plan import (
   view_spec,
 )
 from muonclip_jax._newton_schulz import NSOptions, _orthogonalize, resolve_compute_dtype
+from muonclip_jax._paths import path_str
 
 __all__ = [
     "MeshOrthogonalizer",

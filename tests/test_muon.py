@@ -11,7 +11,7 @@ from optax.contrib import MuonDimensionNumbers
 
 import muonclip_jax as mc
 from muonclip_jax._coefficients import KELLER
-from muonclip_jax._dimensions import path_str
+from muonclip_jax._paths import path_str
 
 
 def _rand(rng, shape, scale=1.0):

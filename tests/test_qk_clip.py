@@ -21,27 +21,15 @@ from flax import linen as nn
 from flax import nnx
 
 import muonclip_jax as mc
+from muonclip_jax._paths import leaves_with_paths, path_components
 
 RTOL = 2e-5  # float32 logits of order 10-100, recomputed after rescaling
 E, L, B = 16, 6, 2
 _BIAS = nn.initializers.normal(0.5)
 
 
-def _key_str(k):
-  for attr in ("key", "idx", "name"):
-    if hasattr(k, attr):
-      return str(getattr(k, attr))
-  return str(k)
-
-
-def _is_value_attr(k) -> bool:
-  return isinstance(k, jax.tree_util.GetAttrKey) and k.name == "value"
-
-
 def flat(tree) -> dict[tuple[str, ...], np.ndarray]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-  return {tuple(_key_str(k) for k in p if not _is_value_attr(k)): np.asarray(v)
-          for p, v in leaves}
+  return {p: np.asarray(v) for p, v in leaves_with_paths(tree)[0]}
 
 
 def stats_of(stats) -> dict[tuple[str, ...], np.ndarray]:
@@ -358,7 +346,7 @@ def test_flax_linen_normalize_qk_auto_uses_gains():
   params = model.init(jax.random.key(3), x)["params"]
   # Start the gains large so logits exceed 1.
   params = jax.tree_util.tree_map_with_path(
-      lambda p, a: a * 4.0 if _key_str(p[-1]) == "scale" else a, params)
+      lambda p, a: a * 4.0 if path_components(p)[-1] == "scale" else a, params)
   stats_fn = lambda p: model.apply({"params": p}, x, mutable=["intermediates"])[1][
       "intermediates"]
   new, stats, tau = run_case(params, stats_fn, "shared")
@@ -555,7 +543,7 @@ def nnx_case(kv: int, normalize_qk: bool = False, seed: int = 0):
   x = x_input(seed + 1)
   if normalize_qk:
     params = jax.tree_util.tree_map_with_path(
-        lambda p, a: a * 4.0 if "scale" in [_key_str(k) for k in p] else a, params)
+        lambda p, a: a * 4.0 if "scale" in path_components(p) else a, params)
 
   def stats_fn(p):
     m = nnx.merge(graphdef, p)
