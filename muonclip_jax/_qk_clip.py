@@ -158,7 +158,7 @@ def collect_max_logits(max_logits: Any) -> dict[Path, jax.Array]:
   for module, values in grouped.items():
     shapes = {v.shape for v in values}
     if len(shapes) != 1:
-      raise ValueError(f"QK-Clip: statistics at {show_path(module)!r} have differing "
+      raise ValueError(f"qk_clip: statistics at {show_path(module)!r} have differing "
                        f"shapes {sorted(shapes)}")
     v = values[0]
     for w in values[1:]:
@@ -224,10 +224,10 @@ def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: Layou
     items = list(layouts.items())
     for pattern, layout in items:
       if not isinstance(layout, QKLayout):
-        raise TypeError(f"QK-Clip layouts[{pattern!r}]: expected a QKLayout, got "
+        raise TypeError(f"qk_clip: layouts[{pattern!r}]: expected a QKLayout, got "
                         f"{type(layout).__name__}")
   else:
-    raise TypeError(f"QK-Clip layouts: expected a QKLayout, a mapping of patterns to "
+    raise TypeError(f"qk_clip: layouts: expected a QKLayout, a mapping of patterns to "
                     f"QKLayouts, or None, got {type(layouts).__name__}")
   layers: dict[Path, Layer] = {}
   for pattern, layout in items:
@@ -242,7 +242,7 @@ def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: Layou
       found += 1
     if not found:
       needs = [s.path for s in layout.params if not s.optional]
-      raise ValueError(f"QK-Clip layout {layout.name!r} for pattern {pattern!r} matches "
+      raise ValueError(f"qk_clip: layout {layout.name!r} for pattern {pattern!r} matches "
                        f"nothing: no module path matching {pattern!r} has the parameters "
                        f"{needs}")
   if auto_detect:
@@ -269,7 +269,7 @@ def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: Layout
       break
   known = ", ".join(repr(show_path(m)) for m in layers) or "none"
   return ValueError(
-      f"QK-Clip: statistics at {show_path(module)!r} have no matching attention "
+      f"qk_clip: statistics at {show_path(module)!r} have no matching attention "
       f"parameters (attention layers found: {known}).{hint} Sow max_logits in the module "
       f"that owns the query/key parameters, or describe them with layouts=.")
 
@@ -290,6 +290,117 @@ def _as_schedule(every_k_schedule: Schedule | None) -> Callable[[jax.Array], jax
   if _is_concrete(every_k_schedule) and int(every_k_schedule) < 1:
     raise ValueError(f"every_k_schedule must be >= 1, got {every_k_schedule}")
   return lambda step: every_k_schedule
+
+
+class _Accumulated(NamedTuple):
+  """The statistics a step acts on, after micro-step accumulation."""
+
+  emit: jax.Array  # this step clips (always, without every_k_schedule)
+  used: dict[str, jax.Array]  # per layer name, the statistic (max over micro-steps)
+  acc_max_logits: dict[str, jax.Array]
+  mini_step: jax.Array
+
+
+def _match_statistics(stats: dict[Path, jax.Array], layers: dict[Path, Layer], cut: int,
+                      params: Any, layouts: Any, strict: bool) -> dict[Path, jax.Array]:
+  """Step 1: every statistic belongs to an attention layer, with its head shape."""
+  for module, s in stats.items():
+    if module not in layers:
+      leaves, _ = leaves_with_paths(params)
+      shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
+      raise _no_params_error(module, layers, layouts, shapes)
+    layer = layers[module]
+    want = layer.lead + (layer.num_heads,)
+    if tuple(s.shape) != want:
+      raise ValueError(f"qk_clip: statistics at {show_path(module)!r} have shape "
+                       f"{tuple(s.shape)}, expected {want} ([layers...,] heads) for "
+                       f"layout {layer.layout.name!r}")
+  if strict:
+    missing = [show_path(m) for m in layers if m not in stats]
+    if missing:
+      raise ValueError(
+          f"qk_clip: no max_logits for attention layers {missing} (strict=True). Call "
+          f"them with sow_weights=True and attention_fn=muonclip_jax."
+          f"dot_product_attention, or pass strict=False to leave them unclipped.")
+  return stats
+
+
+def _accumulate(stats: dict[Path, jax.Array], state: QKClipState,
+                schedule: Schedule | None) -> _Accumulated:
+  """Step 2: the running max over micro-steps; clip only when the update is emitted."""
+  if schedule is None:
+    used = {show_path(m): s.astype(jnp.float32) for m, s in stats.items()}
+    return _Accumulated(jnp.asarray(True), used, state.acc_max_logits, state.mini_step)
+  emit = state.mini_step >= jnp.asarray(schedule(state.gradient_step)) - 1
+  used, acc = {}, dict(state.acc_max_logits)
+  for m, s in stats.items():
+    name = show_path(m)
+    used[name] = jnp.maximum(state.acc_max_logits[name], s.astype(jnp.float32))
+    acc[name] = jnp.where(emit, -jnp.inf, used[name])
+  mini_step = jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32)
+  return _Accumulated(emit, used, acc, mini_step)
+
+
+def _clip_factors(stats: dict[Path, jax.Array], layers: dict[Path, Layer], acc: _Accumulated,
+                  tau: jax.Array, gqa_sharing: GQASharing, gqa_alpha: float
+                  ) -> tuple[dict[Path, jax.Array], jax.Array, jax.Array]:
+  r"""Step 3: per query/key parameter, the factor of each head slot.
+
+  ``gamma_h = tau / S_max^h`` for every finite, positive statistic above
+  ``tau`` (1 elsewhere; non-finite or non-positive ones are counted as skipped
+  and never touch the weights), split between queries and keys by the layout.
+  """
+  factors: dict[Path, jax.Array] = {}
+  num_clipped = jnp.zeros([], jnp.int32)
+  num_skipped = jnp.zeros([], jnp.int32)
+  for m in stats:
+    layer = layers[m]
+    s = acc.used[show_path(m)]
+    valid = jnp.isfinite(s) & (s > 0)
+    clip = valid & (s > tau) & (tau > 0) & acc.emit
+    gamma = jnp.where(clip, tau / jnp.where(clip, s, 1.0), 1.0)
+    num_clipped += jnp.sum(clip, dtype=jnp.int32)
+    num_skipped += jnp.sum(~valid & acc.emit, dtype=jnp.int32)
+    for target, f in zip(layer.targets, slot_factors(layer, gamma, gqa_sharing, gqa_alpha)):
+      full = factor_array(target, f)
+      factors[target.param] = factors[target.param] * full if target.param in factors else full
+  return factors, num_clipped, num_skipped
+
+
+def _rescale_updates(updates: Any, params: Any, factors: dict[Path, jax.Array],
+                     cut: int) -> Any:
+  """Step 4: updates that land each clipped weight on ``factor * (W + u)``."""
+  u_leaves, treedef = leaves_with_paths(updates)
+  p_by_path = {p[cut:]: leaf for p, leaf in leaves_with_paths(params)[0]}
+  out = []
+  for path, u in u_leaves:
+    f = factors.get(path[cut:])
+    if f is None:
+      out.append(u)
+      continue
+    p = jnp.asarray(p_by_path[path[cut:]], jnp.float32)
+    clipped = (p + u.astype(jnp.float32)) * f - p
+    out.append(jnp.where(f != 1.0, clipped.astype(u.dtype), u))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _next_state(state: QKClipState, acc: _Accumulated, num_clipped: jax.Array,
+                num_skipped: jax.Array) -> QKClipState:
+  """The telemetry of an emitted step, the counters, and the accumulation."""
+  keep = lambda new, old: jnp.where(acc.emit, new, old)
+  telemetry = dict(state.max_logits)
+  for name, s in acc.used.items():
+    telemetry[name] = keep(s, state.max_logits[name])
+  return QKClipState(
+      max_logits=telemetry,
+      num_clipped=keep(num_clipped, state.num_clipped),
+      clipped_total=state.clipped_total + num_clipped,
+      num_skipped=keep(num_skipped, state.num_skipped),
+      skipped_total=state.skipped_total + num_skipped,
+      acc_max_logits=acc.acc_max_logits,
+      mini_step=acc.mini_step,
+      gradient_step=(state.gradient_step + acc.emit.astype(jnp.int32)).astype(jnp.int32),
+  )
 
 
 def qk_clip(
@@ -393,88 +504,12 @@ def qk_clip(
           "'intermediates' collection or the NNX State of nnx.Intermediate holding "
           "'max_logits' (nnx.Optimizer.update(model, grads, max_logits=stats)).")
     layers, cut = find_layers(params)
-    stats = collect_max_logits(max_logits)
-    for module, s in stats.items():
-      if module not in layers:
-        leaves, _ = leaves_with_paths(params)
-        shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
-        raise _no_params_error(module, layers, layouts, shapes)
-      layer = layers[module]
-      want = layer.lead + (layer.num_heads,)
-      if tuple(s.shape) != want:
-        raise ValueError(f"QK-Clip: statistics at {show_path(module)!r} have shape "
-                         f"{tuple(s.shape)}, expected {want} ([layers...,] heads) for "
-                         f"layout {layer.layout.name!r}")
-    if strict:
-      missing = [show_path(m) for m in layers if m not in stats]
-      if missing:
-        raise ValueError(
-            f"QK-Clip: no max_logits for attention layers {missing} (strict=True). Call "
-            f"them with sow_weights=True and attention_fn=muonclip_jax."
-            f"dot_product_attention, or pass strict=False to leave them unclipped.")
-
-    tau_ = jnp.asarray(tau, jnp.float32)
-    if schedule is None:
-      emit = jnp.asarray(True)
-      used = {show_path(m): s.astype(jnp.float32) for m, s in stats.items()}
-      new_acc = state.acc_max_logits
-      mini_step = state.mini_step
-    else:
-      k_steps = jnp.asarray(schedule(state.gradient_step))
-      emit = state.mini_step >= k_steps - 1
-      used = {}
-      new_acc = dict(state.acc_max_logits)
-      for m, s in stats.items():
-        name = show_path(m)
-        used[name] = jnp.maximum(state.acc_max_logits[name], s.astype(jnp.float32))
-        new_acc[name] = jnp.where(emit, -jnp.inf, used[name])
-      mini_step = jnp.where(emit, 0, state.mini_step + 1).astype(jnp.int32)
-
-    factors: dict[Path, jax.Array] = {}
-    num_clipped = jnp.zeros([], jnp.int32)
-    num_skipped = jnp.zeros([], jnp.int32)
-    for m in stats:
-      layer = layers[m]
-      s = used[show_path(m)]
-      valid = jnp.isfinite(s) & (s > 0)
-      clip = valid & (s > tau_) & (tau_ > 0) & emit
-      gamma = jnp.where(clip, tau_ / jnp.where(clip, s, 1.0), 1.0)
-      num_clipped += jnp.sum(clip, dtype=jnp.int32)
-      num_skipped += jnp.sum(~valid & emit, dtype=jnp.int32)
-      for target, f in zip(layer.targets, slot_factors(layer, gamma, gqa_sharing,
-                                                       gqa_alpha)):
-        full = factor_array(target, f)
-        factors[target.param] = factors[target.param] * full if target.param in factors \
-            else full
-
-    u_leaves, treedef = leaves_with_paths(updates)
-    p_leaves, _ = leaves_with_paths(params)
-    p_by_path = {p[cut:]: leaf for p, leaf in p_leaves}
-    out = []
-    for path, u in u_leaves:
-      f = factors.get(path[cut:])
-      if f is None:
-        out.append(u)
-        continue
-      p = jnp.asarray(p_by_path[path[cut:]], jnp.float32)
-      clipped = (p + u.astype(jnp.float32)) * f - p
-      out.append(jnp.where(f != 1.0, clipped.astype(u.dtype), u))
-    new_updates = jax.tree_util.tree_unflatten(treedef, out)
-
-    telemetry = dict(state.max_logits)
-    for name, s in used.items():
-      telemetry[name] = jnp.where(emit, s, state.max_logits[name])
-    keep = lambda new, old: jnp.where(emit, new, old)
-    new_state = QKClipState(
-        max_logits=telemetry,
-        num_clipped=keep(num_clipped, state.num_clipped),
-        clipped_total=state.clipped_total + num_clipped,
-        num_skipped=keep(num_skipped, state.num_skipped),
-        skipped_total=state.skipped_total + num_skipped,
-        acc_max_logits=new_acc,
-        mini_step=mini_step,
-        gradient_step=(state.gradient_step + emit.astype(jnp.int32)).astype(jnp.int32),
-    )
-    return new_updates, new_state
+    stats = _match_statistics(collect_max_logits(max_logits), layers, cut, params, layouts,
+                              strict)
+    acc = _accumulate(stats, state, schedule)
+    factors, num_clipped, num_skipped = _clip_factors(
+        stats, layers, acc, jnp.asarray(tau, jnp.float32), gqa_sharing, gqa_alpha)
+    new_updates = _rescale_updates(updates, params, factors, cut)
+    return new_updates, _next_state(state, acc, num_clipped, num_skipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -376,7 +376,7 @@ def _view(shape: tuple[int, ...], split: tuple[int, tuple[int, ...]] | None,
 def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Target:
   """Checks ``spec`` against the parameter's ``shape``; raises ``ValueError`` naming it."""
   param = join(module, spec.path)
-  where = f"QK-Clip layout entry {spec.path!r} at {show_path(param)!r} (shape {shape})"
+  where = f"qk_clip: layout entry {spec.path!r} at {show_path(param)!r} (shape {shape})"
   if spec.role not in _ROLES:
     raise ValueError(f"{where}: role must be one of {_ROLES}, got {spec.role!r}")
   if spec.ndim < 1 or spec.ndim > len(shape):
@@ -423,10 +423,10 @@ def resolve_layout(layout: QKLayout, module: Path,
     if param not in shapes:
       if spec.optional:
         continue
-      raise ValueError(f"QK-Clip layout {layout.name!r} at {show_path(module)!r}: no "
+      raise ValueError(f"qk_clip: layout {layout.name!r} at {show_path(module)!r}: no "
                        f"parameter {show_path(param)!r}")
     targets.append(resolve_target(spec, module, shapes[param]))
-  where = f"QK-Clip layout {layout.name!r} at {show_path(module)!r}"
+  where = f"qk_clip: layout {layout.name!r} at {show_path(module)!r}"
   if not targets:
     raise ValueError(f"{where}: matches no parameter")
   leads = {t.lead for t in targets}
