@@ -100,7 +100,7 @@ def scale_by_muon(
   ``A``/``B`` are the fan-in/fan-out of the matrix view of each leaf.
 
   Args:
-    beta: momentum decay ``mu`` (0.95).
+    beta: momentum coefficient ``beta`` (0.95); ``M`` (state ``mu``) is the buffer.
     nesterov: feed ``G_t + beta M_t`` (True) or ``M_t`` to Newton–Schulz.
     coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
     steps: Newton–Schulz steps (default: the preset's).
@@ -123,6 +123,17 @@ def scale_by_muon(
 
   Returns:
     An ``optax.GradientTransformation`` with state :class:`ScaleByMuonState`.
+
+  Raises:
+    ValueError: an unknown preset, method or shape scaling; at ``init``, a
+      parameter of rank < 2 (naming its path).
+
+  References:
+    Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+    <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+
+    Liu et al., `Muon is Scalable for LLM Training
+    <https://arxiv.org/abs/2502.16982>`_, 2025 (§2.2, the ``"rms"`` scaling).
   """
   ns = NSOptions(
       config=resolve_coefficients(coeffs, steps),
@@ -217,18 +228,54 @@ def muon(
     weight_decay: decoupled decay ``lambda`` for both branches (K2: 0.1).
     weight_decay_mask: optional mask (tree or callable, as in
       ``optax.add_decayed_weights``) of parameters that decay.
-    beta, nesterov, coeffs, steps, ns_dtype, method, restarts, eps,
-    shape_scaling, rms_scale, mu_dtype, dimension_numbers, mesh: see
-      :func:`scale_by_muon`.
-    adam_learning_rate, adam_b1, adam_b2, adam_eps: the AdamW branch.
+    beta: momentum coefficient (see :func:`scale_by_muon`).
+    nesterov: Nesterov momentum (see :func:`scale_by_muon`).
+    coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
+    steps: Newton–Schulz steps (default: the preset's).
+    ns_dtype: Newton–Schulz compute dtype (default: the update's).
+    method: ``"auto"``, ``"standard"`` or ``"gram"`` (see :func:`orthogonalize`).
+    restarts: Gram-path restarts (see :func:`orthogonalize`).
+    eps: added to the Frobenius norm.
+    shape_scaling: ``"rms"``, ``"keller"`` or ``None`` (see :func:`scale_by_muon`).
+    rms_scale: target update RMS for ``"rms"`` (0.2, AdamW's).
+    mu_dtype: dtype of both branches' first-moment buffers.
+    adam_learning_rate: the AdamW branch's learning rate (default: ``learning_rate``).
+    adam_b1: AdamW's first-moment decay.
+    adam_b2: AdamW's second-moment decay.
+    adam_eps: AdamW's epsilon.
     param_labels: routing override (see above).
+    dimension_numbers: fan-in/fan-out axes per leaf (see :func:`scale_by_muon`).
+    mesh: run Newton–Schulz device-local on this mesh (see :func:`scale_by_muon`).
 
   Returns:
-    An ``optax.GradientTransformation`` (an ``optax.partition``).
+    An ``optax.GradientTransformation`` (an ``optax.partition``). Its
+    ``update`` accepts and ignores ``max_logits=``, so one train step serves
+    ``muon``, ``muonclip`` and ``optax.adamw``.
 
   Raises:
     ValueError: negative learning rate or weight decay, and the errors of
       :func:`scale_by_muon` and of the routing (naming the parameter path).
+
+  References:
+    Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+    <https://kellerjordan.github.io/posts/muon/>`_, 2024.
+
+    Liu et al., `Muon is Scalable for LLM Training
+    <https://arxiv.org/abs/2502.16982>`_, 2025 (§2.2: update RMS matched to
+    AdamW's, decoupled weight decay).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import optax
+    >>> import muonclip_jax as mc
+    >>> params = {"mlp": {"kernel": jnp.ones((16, 32))}, "norm": {"scale": jnp.ones(16)}}
+    >>> tx = mc.muon(learning_rate=0.02)
+    >>> state = tx.init(params)
+    >>> grads = {"mlp": {"kernel": jnp.eye(16, 32)}, "norm": {"scale": jnp.ones(16)}}
+    >>> updates, state = tx.update(grads, state, params)
+    >>> params = optax.apply_updates(params, updates)
+    >>> params["mlp"]["kernel"].shape
+    (16, 32)
   """
   _check_nonnegative("learning_rate", learning_rate)
   _check_nonnegative("weight_decay", weight_decay)

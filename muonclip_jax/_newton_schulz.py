@@ -234,7 +234,8 @@ def orthogonalize(
       the input's). Products accumulate in f32; the result has ``x``'s dtype.
     method: ``"standard"``, ``"gram"``, or ``"auto"`` (the cheaper in FLOPs).
     restarts: Gram-path steps before which the iteration restarts from
-      ``X = QX``; default once, before step 2, in 16-bit compute, never in f32.
+      ``X = QX``; default :func:`default_restarts` (none up to 5 steps, then
+      before every third step), whatever the dtype.
     eps: added to the Frobenius norm (the zero matrix maps to zero).
 
   Returns:
@@ -242,6 +243,22 @@ def orthogonalize(
 
   Raises:
     ValueError: for rank < 2, an unknown preset or method, or ``steps < 1``.
+
+  References:
+    Jordan et al., `Muon: An optimizer for hidden layers in neural networks
+    <https://kellerjordan.github.io/posts/muon/>`_, 2024 (the quintic
+    iteration and the ``"keller"`` coefficients).
+
+    Amsel et al., `The Polar Express
+    <https://arxiv.org/abs/2505.16932>`_, 2025 (``"polar_express"``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from muonclip_jax import orthogonalize
+    >>> x = jnp.arange(12.0).reshape(3, 4) + jnp.eye(3, 4)
+    >>> o = orthogonalize(x, coeffs="polar_express", steps=8)
+    >>> bool(jnp.allclose(o @ o.T, jnp.eye(3), atol=0.05))
+    True
   """
   x = jnp.asarray(x)
   if x.ndim < 2:
