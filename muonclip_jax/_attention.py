@@ -203,33 +203,17 @@ def dot_product_attention(
       it on only when ``bias`` encodes masking (large negative entries).
     sow_name: variable name of the statistic.
 
+  The signature is the union of the linen and NNX ``attention_fn``
+  protocols, which is why it is long; the work is in five steps below.
+
   Returns:
     ``[batch..., q_len, num_heads, v_depth]``.
   """
-  if (qk_attn_weights_einsum is None) != (attn_weights_value_einsum is None):
-    raise ValueError("qk_attn_weights_einsum and attn_weights_value_einsum must be "
-                     "specified together.")
-  if (precision is not None or einsum_dot_general is not None) and qk_attn_weights_einsum:
-    raise ValueError("precision/einsum_dot_general and qk_attn_weights_einsum/"
-                     "attn_weights_value_einsum are mutually exclusive.")
-  if promote_dtype is not None:
-    query, key, value = promote_dtype((query, key, value), dtype=dtype)
-  else:
-    dt = dtype if dtype is not None else jnp.result_type(query, key, value)
-    query, key, value = (jnp.asarray(x, dt) for x in (query, key, value))
+  # Validate and promote (Flax's checks and messages).
+  query, key, value = _check_qkv(query, key, value, dtype, promote_dtype, precision,
+                                 einsum_dot_general, qk_attn_weights_einsum,
+                                 attn_weights_value_einsum)
   dtype = query.dtype
-  if not query.ndim == key.ndim == value.ndim:
-    raise ValueError("q, k, v must have the same rank.")
-  if query.shape[-1] != key.shape[-1]:
-    raise ValueError(f"q, k depths must match, got {query.shape[-1]} and {key.shape[-1]}.")
-  if key.shape[-3] != value.shape[-3] or key.shape[-2] != value.shape[-2]:
-    raise ValueError(f"k and v must have the same length and heads, got {key.shape} "
-                     f"and {value.shape}.")
-  q_heads, kv_heads = query.shape[-2], key.shape[-2]
-  if q_heads % kv_heads:
-    raise ValueError(f"query heads ({q_heads}) must be a multiple of key heads ({kv_heads}).")
-  rep = q_heads // kv_heads
-
   if qk_attn_weights_einsum is None:
     dot = einsum_dot_general if einsum_dot_general is not None else jax.lax.dot_general
     qk_einsum = functools.partial(jnp.einsum, precision=precision, _dot_general=dot)
@@ -237,20 +221,11 @@ def dot_product_attention(
   else:
     qk_einsum, wv_einsum = qk_attn_weights_einsum, attn_weights_value_einsum
 
-  depth = query.shape[-1]
-  query = query / jnp.sqrt(depth).astype(dtype)
-  batch = query.shape[:-3]
-  q_len, kv_len = query.shape[-3], key.shape[-3]
-  if rep == 1:
-    logits = qk_einsum("...qhd,...khd->...hqk", query, key)
-  else:
-    qg = query.reshape(query.shape[:-2] + (kv_heads, rep, depth))
-    logits = qk_einsum("...qhgd,...khd->...hgqk", qg, key)
-    logits = logits.reshape(batch + (q_heads, q_len, kv_len))
-
+  # Logits q k^T / sqrt(d), per query head (GQA: shared key heads).
+  logits = _attention_logits(query / jnp.sqrt(query.shape[-1]).astype(dtype), key, qk_einsum)
   full_mask = mask
   if is_causal:
-    full_mask = _combine(full_mask, _causal_mask(q_len, kv_len))
+    full_mask = _combine(full_mask, _causal_mask(query.shape[-3], key.shape[-3]))
 
   # The statistic shares the softmax's row maxima when it is taken from the
   # softmax input itself (no soft-cap, no bias unless asked): XLA then computes
@@ -260,6 +235,7 @@ def dot_product_attention(
     stat_logits = logits + bias if (stats_include_bias and bias is not None) else logits
     sow_max_logits(module, head_max_logits(stat_logits, mask=full_mask), name=sow_name)
 
+  # Soft-cap, bias and mask: the softmax input.
   if logit_soft_cap is not None:
     logits = logit_soft_cap * jnp.tanh(logits / logit_soft_cap)
   if bias is not None:
@@ -267,30 +243,89 @@ def dot_product_attention(
   big_neg = jnp.finfo(dtype).min
   if full_mask is not None:
     logits = jnp.where(full_mask, logits, big_neg)
-
   if module is not None and shared_rowmax:
-    row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
-    head_max = jnp.max(row_max, axis=tuple(a for a in range(row_max.ndim) if a != row_max.ndim - 3))
-    # A head whose every logit is masked reads big_neg: report -inf (skipped by QK-Clip).
-    head_max = jnp.where(head_max > big_neg, head_max.astype(jnp.float32), -jnp.inf)
-    sow_max_logits(module, head_max, name=sow_name)
+    sow_max_logits(module, _masked_head_max(logits, big_neg), name=sow_name)
 
-  if force_fp32_for_softmax and dtype != jnp.float32:
+  # Normalise the weights (dropout), then weight the values.
+  weights = _softmax_with_dropout(logits, dtype, force_fp32_for_softmax, deterministic,
+                                  dropout_rate, dropout_rng, broadcast_dropout)
+  return _weighted_values(weights, value, wv_einsum)
+
+
+def _check_qkv(query: Array, key: Array, value: Array, dtype: Any,
+               promote_dtype: Callable[..., Any] | None, precision: Any,
+               einsum_dot_general: Any, qk_einsum: Any, wv_einsum: Any
+               ) -> tuple[Array, Array, Array]:
+  """Flax's argument checks; ``query, key, value`` promoted to one dtype."""
+  if (qk_einsum is None) != (wv_einsum is None):
+    raise ValueError("qk_attn_weights_einsum and attn_weights_value_einsum must be "
+                     "specified together.")
+  if (precision is not None or einsum_dot_general is not None) and qk_einsum:
+    raise ValueError("precision/einsum_dot_general and qk_attn_weights_einsum/"
+                     "attn_weights_value_einsum are mutually exclusive.")
+  if promote_dtype is not None:
+    query, key, value = promote_dtype((query, key, value), dtype=dtype)
+  else:
+    dt = dtype if dtype is not None else jnp.result_type(query, key, value)
+    query, key, value = (jnp.asarray(x, dt) for x in (query, key, value))
+  if not query.ndim == key.ndim == value.ndim:
+    raise ValueError("q, k, v must have the same rank.")
+  if query.shape[-1] != key.shape[-1]:
+    raise ValueError(f"q, k depths must match, got {query.shape[-1]} and {key.shape[-1]}.")
+  if key.shape[-3] != value.shape[-3] or key.shape[-2] != value.shape[-2]:
+    raise ValueError(f"k and v must have the same length and heads, got {key.shape} "
+                     f"and {value.shape}.")
+  if query.shape[-2] % key.shape[-2]:
+    raise ValueError(f"query heads ({query.shape[-2]}) must be a multiple of key heads "
+                     f"({key.shape[-2]}).")
+  return query, key, value
+
+
+def _attention_logits(query: Array, key: Array, qk_einsum: Callable[..., Array]) -> Array:
+  """``[batch..., q_heads, q_len, kv_len]``; query head ``h`` reads key head ``h // rep``."""
+  q_heads, kv_heads = query.shape[-2], key.shape[-2]
+  rep = q_heads // kv_heads
+  if rep == 1:
+    return qk_einsum("...qhd,...khd->...hqk", query, key)
+  qg = query.reshape(query.shape[:-2] + (kv_heads, rep, query.shape[-1]))
+  logits = qk_einsum("...qhgd,...khd->...hgqk", qg, key)
+  return logits.reshape(query.shape[:-3] + (q_heads, query.shape[-3], key.shape[-3]))
+
+
+def _masked_head_max(logits: Array, big_neg: Any) -> Array:
+  """Per head, the max of the (masked) softmax input; ``-inf`` for a fully masked head."""
+  row_max = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
+  head_max = jnp.max(row_max, axis=tuple(a for a in range(row_max.ndim) if a != row_max.ndim - 3))
+  # A head whose every logit is masked reads big_neg: report -inf (skipped by QK-Clip).
+  return jnp.where(head_max > big_neg, head_max.astype(jnp.float32), -jnp.inf)
+
+
+def _softmax_with_dropout(logits: Array, dtype: Any, force_fp32: bool, deterministic: bool,
+                          dropout_rate: float, dropout_rng: Array | None,
+                          broadcast_dropout: bool) -> Array:
+  """Softmax over keys, then dropout on the weights (as Flax applies it)."""
+  if force_fp32 and dtype != jnp.float32:
     weights = jax.nn.softmax(logits.astype(jnp.float32))
   else:
     weights = jax.nn.softmax(logits).astype(dtype)
+  if deterministic or dropout_rate <= 0.0:
+    return weights
+  keep_prob = 1.0 - dropout_rate
+  if broadcast_dropout:
+    dropout_shape = (1,) * (weights.ndim - 2) + weights.shape[-2:]
+  else:
+    dropout_shape = weights.shape
+  keep = jax.random.bernoulli(dropout_rng, keep_prob, dropout_shape)
+  return weights * (keep.astype(weights.dtype) / jnp.asarray(keep_prob, weights.dtype))
 
-  if not deterministic and dropout_rate > 0.0:
-    keep_prob = 1.0 - dropout_rate
-    if broadcast_dropout:
-      dropout_shape = (1,) * (weights.ndim - 2) + weights.shape[-2:]
-    else:
-      dropout_shape = weights.shape
-    keep = jax.random.bernoulli(dropout_rng, keep_prob, dropout_shape)
-    weights = weights * (keep.astype(weights.dtype) / jnp.asarray(keep_prob, weights.dtype))
 
+def _weighted_values(weights: Array, value: Array, wv_einsum: Callable[..., Array]) -> Array:
+  """``[batch..., q_len, q_heads, v_depth]`` from the weights and (shared) value heads."""
+  q_heads, kv_heads = weights.shape[-3], value.shape[-2]
+  rep = q_heads // kv_heads
   if rep == 1:
     return wv_einsum("...hqk,...khd->...qhd", weights, value)
+  batch, q_len, kv_len = weights.shape[:-3], weights.shape[-2], weights.shape[-1]
   wg = weights.reshape(batch + (kv_heads, rep, q_len, kv_len))
   out = wv_einsum("...hgqk,...khd->...qhgd", wg, value)
   return out.reshape(batch + (q_len, q_heads, value.shape[-1]))
