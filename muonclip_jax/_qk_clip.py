@@ -465,6 +465,28 @@ def qk_clip(
     ValueError: ``tau <= 0``; unknown ``gqa_sharing``; a layout that matches
       nothing; statistics with no matching parameters or the wrong shape; a
       missing ``max_logits`` argument (at trace time, naming the path).
+
+  References:
+    Kimi Team, `Kimi K2: Open Agentic Intelligence
+    <https://arxiv.org/abs/2507.20534>`_, 2025 (§2.1, QK-Clip; Algorithm 1).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import optax
+    >>> import muonclip_jax as mc
+    >>> attn = {n: {"kernel": jnp.ones((8, 2, 4))} for n in ("query", "key", "value")}
+    >>> attn["out"] = {"kernel": jnp.ones((2, 4, 8))}
+    >>> params = {"attn": attn}
+    >>> tx = mc.qk_clip(tau=2.0)
+    >>> state = tx.init(params)
+    >>> zero = jax.tree.map(jnp.zeros_like, params)
+    >>> stats = {"attn": {"max_logits": (jnp.array([8.0, 1.0]),)}}  # head 0 is hot
+    >>> updates, state = tx.update(zero, state, params, max_logits=stats)
+    >>> new = optax.apply_updates(params, updates)
+    >>> [float(new["attn"][n]["kernel"][0, 0, 0]) for n in ("query", "key")]  # sqrt(2/8)
+    [0.5, 0.5]
+    >>> float(new["attn"]["query"]["kernel"][0, 1, 0])  # head 1 untouched
+    1.0
   """
   if _is_concrete(tau) and not float(jnp.max(jnp.asarray(tau))) > 0:
     raise ValueError(f"qk_clip: tau must be positive, got {tau}")

@@ -169,6 +169,10 @@ def separate_qk(query: str = "query", key: str = "key", *, num_heads: int | None
       ``(embed, heads, head_dim)`` ones (``DenseGeneral``/``LinearGeneral``).
     kernel: the kernel's name inside each module.
     bias: the bias's name (skipped when absent); ``None`` for no bias.
+
+  Returns:
+    A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
+    the module that sows ``max_logits``).
   """
   kv = num_kv_heads if num_kv_heads is not None else num_heads
   params = (_kernel_and_bias(query, "query", kernel, bias, merged_heads, num_heads)
@@ -192,6 +196,10 @@ def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = N
       ``[q x (H/H_kv), k, v]`` (Megatron GQA).
     kernel: the kernel's name inside the module.
     bias: the bias's name (skipped when absent); ``None`` for no bias.
+
+  Returns:
+    A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
+    the module that sows ``max_logits``).
   """
   kv = num_kv_heads if num_kv_heads is not None else num_heads
   if num_heads % kv:
@@ -242,6 +250,10 @@ def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: i
     merged_heads: 2-D kernels ``(in, heads * width)`` instead of 3-D
       ``(in, heads, width)``.
     kernel: the kernel's name inside each module.
+
+  Returns:
+    A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
+    the module that sows ``max_logits``).
   """
   nope, rope = qk_nope_head_dim, qk_rope_head_dim
   if merged_heads:
@@ -273,6 +285,10 @@ def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
       gains ``(head_dim,)`` shared by all heads (per-layer clip, see module doc).
     scale: name of the gain parameter.
     bias: name of the norm's bias (LayerNorm with bias; skipped when absent).
+
+  Returns:
+    A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
+    the module that sows ``max_logits``).
   """
   kv = num_kv_heads if num_kv_heads is not None else num_heads
   params = []
@@ -287,7 +303,18 @@ def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
 
 
 def flax_attention(*, normalize_qk: bool = False, num_heads: int | None = None) -> QKLayout:
-  """Flax's ``MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` parameters."""
+  """Flax's ``MultiHeadDotProductAttention`` / ``nnx.MultiHeadAttention`` parameters.
+
+  Args:
+    normalize_qk: the module was built with ``normalize_qk=True`` (QK-norm).
+    num_heads: heads (needed with ``normalize_qk``).
+
+  Returns:
+    A :class:`QKLayout` (QK-Clip detects Flax's modules without it).
+
+  Raises:
+    ValueError: ``normalize_qk`` without ``num_heads``.
+  """
   if normalize_qk:
     if num_heads is None:
       raise ValueError("flax_attention(normalize_qk=True) needs num_heads")
