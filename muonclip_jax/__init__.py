@@ -1,8 +1,10 @@
 """muonclip_jax: MuonClip for JAX.
 
 Data flow, one module each: momentum (``_momentum``) -> orthogonalise
-(``_newton_schulz``) -> scale (``_shape_scaling``) -> decay and learning rate
-(``_muon``, through optax) -> QK-Clip (``_qk_clip``).
+(``_newton_schulz``; on a mesh ``_mesh_plan`` + ``_sharding``) -> scale
+(``_shape_scaling``) -> decay and learning rate (``_muon``, through optax) ->
+QK-Clip (``_qk_clip``, its telemetry ``_qk_clip_metrics``). Parameter names:
+``_paths``.
 """
 
 from muonclip_jax._attention import (
@@ -48,45 +50,45 @@ from muonclip_jax._routing import default_label, default_param_labels
 from muonclip_jax._sharding import mesh_orthogonalizer, muon_sharding_summary
 
 __all__ = [
-    "PRESETS",
-    "MuonDimensionNumbers",
-    "NSConfig",
-    "ScaleByMuonState",
+    "accumulate_max_logits",
+    "CheckpointError",
+    "collect_max_logits",
     "default_dimension_numbers",
     "default_label",
     "default_param_labels",
-    "muon",
-    "orthogonalize",
-    "resolve_coefficients",
-    "scale_by_muon",
-    "MaxLogitMultiHeadAttention",
-    "MaxLogitMultiHeadDotProductAttention",
-    "QKClipState",
-    "QKLayout",
-    "QKParam",
-    "accumulate_max_logits",
-    "collect_max_logits",
     "dot_product_attention",
     "flax_attention",
     "fused_qkv",
     "head_max_logits",
+    "make_checkpoint_manager",
     "max_logits_blockwise",
+    "MaxLogitMultiHeadAttention",
+    "MaxLogitMultiHeadDotProductAttention",
+    "mesh_orthogonalizer",
     "mla",
+    "muon",
+    "muon_sharding_summary",
     "muonclip",
+    "MuonDimensionNumbers",
+    "MuonShardingPlan",
+    "NSConfig",
+    "orthogonalize",
+    "plan_muon_sharding",
+    "PRESETS",
     "qk_clip",
     "qk_clip_metrics",
     "qk_norm",
+    "QKClipState",
+    "QKLayout",
+    "QKParam",
     "reduce_max_logits",
-    "separate_qk",
-    "sow_max_logits",
-    "CheckpointError",
-    "make_checkpoint_manager",
-    "mesh_orthogonalizer",
-    "muon_sharding_summary",
-    "MuonShardingPlan",
-    "plan_muon_sharding",
+    "resolve_coefficients",
     "restore_checkpoint",
     "restore_latest_valid",
     "save_checkpoint",
+    "scale_by_muon",
+    "ScaleByMuonState",
+    "separate_qk",
+    "sow_max_logits",
     "verify_checkpoint",
 ]

@@ -69,3 +69,12 @@ def test_metrics_jit():
   _, state = tx.update(params, state, params, max_logits=STATS)
   chex_like = jax.jit(mc.qk_clip_metrics)(state)
   assert float(chex_like["qk_clip/max_logit"]) == 3.0
+
+
+def test_one_update_call_serves_muon_adamw_and_muonclip():
+  """No branch on the optimizer's name: all three take (and two ignore) max_logits=."""
+  params = _params()
+  for tx in (mc.muon(1e-3), optax.adamw(1e-3), mc.muonclip(1e-3, tau=1.0)):
+    state = tx.init(params)
+    updates, _ = tx.update(params, state, params, max_logits=STATS)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
