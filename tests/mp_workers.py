@@ -7,9 +7,7 @@ gathered over processes where they are global arrays.
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -20,14 +18,10 @@ from jax.experimental import multihost_utils
 
 import muonclip_jax as mc
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-
 
 def lm_module() -> Any:
-  """``examples/lm.py``."""
-  if str(EXAMPLES) not in sys.path:
-    sys.path.insert(0, str(EXAMPLES))
-  import lm
+  """``benchmarks/harness.py``."""
+  from benchmarks import harness as lm
   return lm
 
 

@@ -10,14 +10,14 @@ writes, under ``--out`` (default ``runs/train_lm``):
 
 Examples::
 
-  python examples/train_lm.py                                   # MuonClip, tau=100
-  python examples/train_lm.py --optimizer adamw --lr 3e-3
-  python examples/train_lm.py --tau 20                          # QK-Clip acts (logits reach ~25)
-  python examples/train_lm.py --kv-heads 2                      # GQA
-  python examples/train_lm.py --mesh 4x2 --batch 16             # 8 host devices
-  python examples/train_lm.py --ckpt-dir /tmp/ck --steps 100    # then:
-  python examples/train_lm.py --ckpt-dir /tmp/ck --steps 200 --resume
-  python examples/train_lm.py --text my_corpus.txt
+  python -m benchmarks.train_lm                                   # MuonClip, tau=100
+  python -m benchmarks.train_lm --optimizer adamw --lr 3e-3
+  python -m benchmarks.train_lm --tau 20                          # QK-Clip acts (logits reach ~25)
+  python -m benchmarks.train_lm --kv-heads 2                      # GQA
+  python -m benchmarks.train_lm --mesh 4x2 --batch 16             # 8 host devices
+  python -m benchmarks.train_lm --ckpt-dir /tmp/ck --steps 100    # then:
+  python -m benchmarks.train_lm --ckpt-dir /tmp/ck --steps 200 --resume
+  python -m benchmarks.train_lm --text my_corpus.txt
 
 ``--mesh DATAxMODEL`` asks XLA for that many host devices (it must be set
 before jax starts, which this script does) and shards the batch over ``data``
@@ -34,7 +34,7 @@ metrics and plots. On one machine, ``examples/launch.py`` starts N local
 processes::
 
   python examples/launch.py --num-processes 2 --devices-per-process 4 -- \
-      python examples/train_lm.py --mesh 4x2 --ckpt-dir /tmp/ck
+      python -m benchmarks.train_lm --mesh 4x2 --ckpt-dir /tmp/ck
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 
@@ -148,11 +147,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith(flag)]
     os.environ["XLA_FLAGS"] = " ".join(flags + [f"{flag}={n // processes}"])
 
-  sys.path.insert(0, str(Path(__file__).resolve().parent))
   init_distributed(args)
   import jax
-  import lm
   from tqdm.auto import tqdm
+
+  from benchmarks import harness as lm
 
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)

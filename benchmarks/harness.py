@@ -1,6 +1,6 @@
-"""A small byte-level decoder-only language model and its training loop.
+"""The experiment harness: a small byte-level language model and its training loop.
 
-Shared by ``examples/train_lm.py``, the notebooks, the studies in
+Shared by ``benchmarks/train_lm.py``, the notebooks, the studies in
 ``benchmarks/`` and the tests, so none of them copies model or training code.
 
 * Data: :func:`default_corpus` gathers text from a fixed list of files of the
@@ -27,7 +27,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import sysconfig
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -43,11 +42,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-try:
-  import muonclip_jax
-except ImportError:  # Running from a source checkout without `pip install -e .`.
-  sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-  import muonclip_jax
+import muonclip_jax
 
 OPTIMIZERS = ("muonclip", "muon", "adamw")
 
