@@ -11,7 +11,7 @@ with ``attention_fn=muonclip_jax.dot_product_attention``. Calling the layer with
   params = optax.apply_updates(params, updates)
 
 QK-Clip finds the ``query``/``key`` kernels next to each sown statistic by
-name. Data: the standard-library corpus of ``examples/lm.py``.
+name. Data: the standard-library corpus and batches of ``train_nnx.py`` beside it.
 
 Run: ``python examples/train_linen.py --steps 100``.
 """
@@ -19,9 +19,7 @@ Run: ``python examples/train_linen.py --steps 100``.
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,11 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
+from train_nnx import batches, load_corpus  # the script's own directory is on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import lm  # noqa: E402  (the shared data pipeline; also puts muonclip_jax on the path)
-
-import muonclip_jax  # noqa: E402
+import muonclip_jax
 
 
 class Block(nn.Module):
@@ -105,10 +101,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 
-  data = lm.ByteData(lm.default_corpus(), args.seq_len)
+  data = batches(load_corpus(), args.batch, args.seq_len, args.seed)
   model = LinenLM(seq_len=args.seq_len)
-  x0, _ = data.train_batch(args.seed, 0, args.batch)
-  params = model.init(jax.random.key(args.seed), jnp.asarray(x0))["params"]
+  x0, _ = next(data)
+  params = model.init(jax.random.key(args.seed), x0)["params"]
   if args.optimizer == "muonclip":
     tx = muonclip_jax.muonclip(args.lr, tau=args.tau)
   elif args.optimizer == "muon":
@@ -119,8 +115,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   step = make_train_step(model, tx)  # muon and adamw ignore max_logits=
   losses, max_logit = [], float("nan")
   for i in range(args.steps):
-    x, y = data.train_batch(args.seed, i, args.batch)
-    params, opt_state, loss, ml = step(params, opt_state, jnp.asarray(x), jnp.asarray(y))
+    params, opt_state, loss, ml = step(params, opt_state, *next(data))
     losses.append(float(loss))
     max_logit = float(ml)
     if i % max(1, args.steps // 10) == 0 or i == args.steps - 1:

@@ -20,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))
 
-import lm  # noqa: E402
 import train_linen  # noqa: E402
-import train_lm  # noqa: E402
+import train_nnx  # noqa: E402
 
 import muonclip_jax  # noqa: E402
+from benchmarks import harness as lm  # noqa: E402
+from benchmarks import train_lm  # noqa: E402
 
 TINY = lm.ModelConfig(d_model=32, num_layers=2, num_heads=4)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -201,6 +202,20 @@ def test_cli_writes_metrics_and_plots(name: str, tmp_path: Path,
     assert report.startswith(f"QK-Clip: off ({name})")
 
 
+def test_nnx_loop_clips_and_says_so(capsys: pytest.CaptureFixture[str]) -> None:
+  """The copyable NNX loop: QK-Clip acts at a low tau, and the last line says so."""
+  tiny = ["--steps", "4", "--batch", "4", "--seq-len", "16", "--d-model", "32",
+          "--layers", "1", "--heads", "2", "--log-every", "2"]
+  out = train_nnx.main(tiny + ["--tau", "0.5"])
+  lines = capsys.readouterr().out.strip().splitlines()
+  assert out["clipped"] > 0 and out["max_logit"] > 0.5
+  assert lines[-1].startswith(f"QK-Clip: {out['clipped']} head-steps clipped to tau = 0.5")
+  assert [x.split()[1] for x in lines[:-1]] == ["2", "4"]  # a line every --log-every steps
+  out = train_nnx.main(tiny + ["--optimizer", "adamw"])
+  assert capsys.readouterr().out.strip().endswith("QK-Clip: off (adamw).")
+  assert out["clipped"] == 0
+
+
 def test_qk_clip_report_says_what_happened_and_how_to_see_it() -> None:
   below = train_lm.qk_clip_report("muonclip", 100.0, 27.6, 0)
   assert below == ("QK-Clip: max logit 27.6 stayed below tau = 100, no head clipped. "
@@ -226,14 +241,14 @@ def test_cli_checkpoint_and_resume(tmp_path: Path) -> None:
 
 
 def test_cli_as_a_script_with_a_mesh(tmp_path: Path) -> None:
-  """``python examples/train_lm.py --mesh 2x2`` sets the host device count itself."""
+  """``python -m benchmarks.train_lm --mesh 2x2`` sets the host device count itself."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
-      [sys.executable, str(EXAMPLES / "train_lm.py"), "--mesh", "2x1", "--steps", "2",
+      [sys.executable, "-m", "benchmarks.train_lm", "--mesh", "2x1", "--steps", "2",
        "--batch", "4", "--seq-len", "16", "--d-model", "32", "--layers", "1", "--heads", "2",
        "--eval-every", "2", "--eval-batches", "1", "--max-bytes", "65536",
        "--out", str(tmp_path), "--no-progress"],
-      capture_output=True, text=True, env=env, timeout=300)
+      capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "2 device(s), mesh 2x1" in proc.stdout
   assert (tmp_path / "metrics.json").exists()
