@@ -7,15 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import rand as _rand
 from optax.contrib import MuonDimensionNumbers
 
 import muonclip_jax as mc
 from muonclip_jax._coefficients import KELLER
 from muonclip_jax._paths import path_str
-
-
-def _rand(rng, shape, scale=1.0):
-  return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
 
 
 def mixed_tree(rng):
@@ -124,7 +121,7 @@ class Block(nn.Module):
     return x + nn.Dense(16, name="proj")(nn.gelu(h)), None
 
 
-class TinyLM(nn.Module):
+class ScannedLM(nn.Module):
   @nn.compact
   def __call__(self, tokens):
     x = nn.Embed(100, 16, name="embed")(tokens)
@@ -136,7 +133,7 @@ class TinyLM(nn.Module):
 
 def test_routing_of_a_flax_tree_lands_where_documented():
   # Jitted, the init compiles as one program (eager: one compile per initialiser); same values.
-  params = jax.jit(TinyLM().init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+  params = jax.jit(ScannedLM().init)(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
   flat = {path_str(p): (lab, leaf.shape) for (p, lab), leaf in zip(
       jax.tree_util.tree_flatten_with_path(mc.default_param_labels(params))[0],
       jax.tree.leaves(params))}

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import causal_mask
 from flax import linen as nn
 from flax import nnx
 
@@ -123,7 +124,7 @@ def merged(a, heads: int, n_lead: int = 0):
 
 
 def causal() -> jax.Array:
-  return jnp.tril(jnp.ones((L, L), jnp.bool_))
+  return causal_mask(L)
 
 
 def qk_logits(q, k):

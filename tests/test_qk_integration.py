@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import causal_mask
 from flax import linen as nn
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -36,7 +37,7 @@ def stats_max(stats) -> jax.Array:
 
 
 def causal(n: int = L) -> jax.Array:
-  return jnp.tril(jnp.ones((n, n), jnp.bool_))
+  return causal_mask(n)
 
 
 # --------------------------------------------------------------------------

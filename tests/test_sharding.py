@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _helpers import rand as _rand
 from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import AxisType, NamedSharding
@@ -46,10 +47,6 @@ def mesh8(auto=False):
 def mesh24(auto=False):
   types = (AxisType.Auto,) * 2 if auto else (AxisType.Explicit,) * 2
   return jax.make_mesh((2, 4), ("data", "model"), axis_types=types)
-
-
-def _rand(rng, shape):
-  return jnp.asarray(rng.standard_normal(shape), jnp.float32)
 
 
 def tree(leaves):
