@@ -25,6 +25,7 @@ from muonclip_jax._checkpoint import (
 )
 from muonclip_jax._coefficients import PRESETS, NSConfig, resolve_coefficients
 from muonclip_jax._dimensions import MuonDimensionNumbers, default_dimension_numbers
+from muonclip_jax._flash_attention import flash_attention
 from muonclip_jax._mesh_plan import MuonShardingPlan, plan_muon_sharding
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
 from muonclip_jax._muonclip import muonclip
@@ -58,6 +59,7 @@ __all__ = [
     "default_param_labels",
     "dot_product_attention",
     "flax_attention",
+    "flash_attention",
     "fused_qkv",
     "head_max_logits",
     "make_checkpoint_manager",
