@@ -208,6 +208,24 @@ def dot_product_attention(
 
   Returns:
     ``[batch..., q_len, num_heads, v_depth]``.
+
+  References:
+    Kimi Team, `Kimi K2: Open Agentic Intelligence
+    <https://arxiv.org/abs/2507.20534>`_, 2025 (§2.1: ``S_max^h``, the
+    statistic QK-Clip bounds).
+
+  Example:
+    >>> import functools
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> import muonclip_jax as mc
+    >>> layer = nn.MultiHeadDotProductAttention(num_heads=2, qkv_features=8,
+    ...                                         attention_fn=mc.dot_product_attention)
+    >>> x = jnp.ones((1, 4, 8))
+    >>> params = layer.init(jax.random.key(0), x)
+    >>> y, state = layer.apply(params, x, sow_weights=True, mutable=["intermediates"])
+    >>> state["intermediates"]["max_logits"].shape  # one statistic per head
+    (2,)
   """
   # Validate and promote (Flax's checks and messages).
   query, key, value = _check_qkv(query, key, value, dtype, promote_dtype, precision,
@@ -366,6 +384,18 @@ def max_logits_blockwise(
   Returns:
     float32 ``(num_heads,)``, ``stop_gradient``-ed; ``-inf`` for a head whose
     every logit is masked.
+
+  References:
+    Kimi Team, `Kimi K2 <https://arxiv.org/abs/2507.20534>`_, 2025 (§2.1).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from muonclip_jax import max_logits_blockwise
+    >>> q = jax.random.normal(jax.random.key(0), (1, 1024, 2, 16))
+    >>> k = jax.random.normal(jax.random.key(1), (1, 1024, 2, 16))
+    >>> full = jnp.einsum("bqhd,bkhd->hqk", q, k).max(axis=(1, 2)) / 4.0
+    >>> bool(jnp.allclose(max_logits_blockwise(q, k, block_size=256), full, rtol=1e-5))
+    True
   """
   if block_size < 1:
     raise ValueError(f"block_size must be positive, got {block_size}")

@@ -297,6 +297,9 @@ def verify_checkpoint(manager: MuonClipCheckpointManager, step: int, *,
     check_hashes: also compare contents (reads every file once, split over
       the processes); ``False`` checks presence and sizes only.
 
+  Returns:
+    ``None``: the step is intact (it raises otherwise).
+
   Raises:
     CheckpointError: naming the step and the file, for a missing step,
       manifest or file, a file of the wrong size (truncated) or, with

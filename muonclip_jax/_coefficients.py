@@ -132,8 +132,25 @@ def resolve_coefficients(coeffs: CoeffsLike = "keller", steps: int | None = None
       holds take its first triples; more repeat its last.
     name: the argument's name, used in error messages.
 
+  Returns:
+    An :class:`NSConfig`: one ``(a, b, c)`` per step, the norm scale and
+    whether the first step uses AOL scaling.
+
   Raises:
     ValueError: unknown preset, malformed coefficients, or ``steps < 1``.
+
+  References:
+    Jordan et al., `Muon <https://kellerjordan.github.io/posts/muon/>`_, 2024
+    (``"keller"``); Amsel et al., `The Polar Express
+    <https://arxiv.org/abs/2505.16932>`_, 2025 (``"polar_express"``); Ahn et al.,
+    `Dion <https://arxiv.org/abs/2504.05295>`_, 2025 (``"dion"``); Boissin et
+    al., arXiv 2512.04632, 2025 (``"aol"``).
+
+  Example:
+    >>> from muonclip_jax import resolve_coefficients
+    >>> cfg = resolve_coefficients("keller")
+    >>> len(cfg.triples), cfg.triples[0]
+    (5, (3.4445, -4.775, 2.0315))
   """
   norm_scale, aol = 1.0, False
   if isinstance(coeffs, str):

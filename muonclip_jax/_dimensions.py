@@ -53,7 +53,25 @@ _CONV = re.compile(r"conv", re.IGNORECASE)
 
 
 def default_dimension_numbers(path: str, shape: Sequence[int]) -> MuonDimensionNumbers:
-  """The dimension numbers for a parameter of ``shape`` at ``path`` (see module doc)."""
+  """The dimension numbers for a parameter of ``shape`` at ``path`` (see module doc).
+
+  Args:
+    path: the ``'/'``-joined parameter path (names such as ``query``/``out``
+      tell attention kernels' head axes apart).
+    shape: the parameter's shape (rank >= 2).
+
+  Returns:
+    ``MuonDimensionNumbers(reduction_axis, output_axis)``: the fan-in and
+    fan-out axes; the other axes are a batch of matrices.
+
+  Raises:
+    ValueError: rank < 2, naming the path.
+
+  Example:
+    >>> from muonclip_jax import default_dimension_numbers
+    >>> default_dimension_numbers("layers/mlp/kernel", (12, 768, 3072))
+    MuonDimensionNumbers(reduction_axis=1, output_axis=2)
+  """
   ndim = len(shape)
   if ndim < 2:
     raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {tuple(shape)}")

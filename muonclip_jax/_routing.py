@@ -38,7 +38,20 @@ _ADAMW_LEAVES = ("bias", "scale", "embedding")
 
 
 def default_label(path: str, ndim: int) -> str:
-  """``"muon"`` or ``"adamw"`` for one parameter (see the module docstring)."""
+  """``"muon"`` or ``"adamw"`` for one parameter (see the module docstring).
+
+  Args:
+    path: the ``'/'``-joined parameter path.
+    ndim: the parameter's rank.
+
+  Returns:
+    ``"muon"`` or ``"adamw"``.
+
+  Example:
+    >>> from muonclip_jax import default_label
+    >>> default_label("blocks/0/attn/query/kernel", 3), default_label("embed/embedding", 2)
+    ('muon', 'adamw')
+  """
   if ndim < 2:
     return ADAMW
   comps = lower_components(path)
@@ -51,7 +64,19 @@ def default_label(path: str, ndim: int) -> str:
 
 
 def default_param_labels(params: Any) -> Any:
-  """A tree of ``"muon"``/``"adamw"`` labels with ``params``'s structure."""
+  """A tree of ``"muon"``/``"adamw"`` labels with ``params``'s structure.
+
+  Args:
+    params: the parameter tree (arrays or ``jax.ShapeDtypeStruct``).
+
+  Returns:
+    The labels, one per leaf, by :func:`default_label`.
+
+  References:
+    Liu et al., `Muon is Scalable for LLM Training
+    <https://arxiv.org/abs/2502.16982>`_, 2025 (AdamW for embeddings, head,
+    norms and vectors).
+  """
   return jax.tree_util.tree_map_with_path(
       lambda p, x: default_label(path_str(p), len(x.shape)), params)
 

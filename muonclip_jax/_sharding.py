@@ -387,7 +387,17 @@ def muon_sharding_summary(params: Any, mesh: Any, dimension_numbers: Any = None,
   """A printable table of how ``muon(..., mesh=mesh)`` orthogonalises each leaf.
 
   ``str(plan_muon_sharding(...))``: see :func:`muonclip_jax.plan_muon_sharding`
-  for the arguments and the structured plan.
+  for the structured plan.
+
+  Args:
+    params: arrays or ``jax.ShapeDtypeStruct`` leaves with their shardings.
+    mesh: a ``Mesh``, an ``AbstractMesh`` or a mapping of axis sizes.
+    dimension_numbers: as for :func:`muonclip_jax.scale_by_muon`.
+    param_labels: as for :func:`muonclip_jax.muon`.
+    coeffs: Newton–Schulz preset or coefficients (for the FLOP counts).
+    steps: Newton–Schulz steps.
+    method: ``"auto"``, ``"standard"`` or ``"gram"``.
+    switch: as for :func:`muonclip_jax.mesh_orthogonalizer`.
 
   Returns:
     A header line (busiest device's Newton–Schulz FLOPs against the ideal
