@@ -136,14 +136,17 @@ def test_cli_timeout_exits_124(tmp_path):
 @pytest.mark.parametrize(("signum", "returncode"), [(signal.SIGTERM, -signal.SIGTERM),
                                                     (signal.SIGINT, 130)])
 def test_cli_kills_its_processes_when_interrupted(tmp_path, signum, returncode):
-  # The launcher handles SIGINT only with its default disposition (a Ctrl-C in a
+  # The launcher handles SIGINT only with Python's default handler (a Ctrl-C in a
   # terminal). A suite started in the background (nohup, `&`, some CI runners)
-  # inherits SIGINT ignored, which the launcher then rightly keeps: reset it here.
+  # inherits SIGINT ignored, which the launcher then rightly keeps: so it runs under a
+  # two-line wrapper that restores the default handler (no preexec_fn: forking a
+  # multithreaded process to run Python code can deadlock).
+  wrapper = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler);"
+             " sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
   launcher = subprocess.Popen(
-      [sys.executable, str(LAUNCH), "--log-dir", str(tmp_path), "--",
+      [sys.executable, "-c", wrapper, str(LAUNCH), "--log-dir", str(tmp_path), "--",
        sys.executable, "-c", SLEEPER],
-      stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
   logs = [tmp_path / f"process_{i}.log" for i in range(2)]
   try:
     deadline = time.monotonic() + 20
