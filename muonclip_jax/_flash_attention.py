@@ -108,7 +108,7 @@ def _refuse(implementation: str, *, bias: Array | None, stats_include_bias: bool
                      "masks ([batch, 1, 1, kv_len]); other masks need implementation='xla'")
 
 
-def _tokamax_op(implementation: str, interpret: bool) -> Any:
+def _tokamax_op(implementation: str) -> Any:
   tk = _tokamax.load()
   if implementation == "xla":
     return tk.base.DotProductAttention()
@@ -124,7 +124,8 @@ def _op_rows(query: Array, key: Array, value: Array, *, implementation: str,
              logit_soft_cap: float | None, precision: Any, interpret: bool
              ) -> tuple[Array, Array]:
   """tokamax op: output ``[B, T, H, d]`` and row maxima ``[B, H, T]`` (after the cap)."""
-  op = _tokamax_op(implementation, interpret)
+  del interpret  # the splash kernel's option (see _splash_rows)
+  op = _tokamax_op(implementation)
   out, (row_max, _) = op(query, key, value, bias=bias, mask=mask, is_causal=is_causal,
                          logits_soft_cap=logit_soft_cap,
                          precision=precision if precision is not None else
@@ -285,7 +286,8 @@ def flash_attention(
       ``"splash"`` (TPU), or ``"auto"``: splash on TPU (when no bias and a
       supported mask), Mosaic GPU on H100/H200/B200, Triton on other GPUs,
       XLA on CPU.
-    interpret: run the Pallas kernels in interpret mode (CPU tests).
+    interpret: run the splash kernel in Pallas interpret mode (CPU tests; the
+      GPU kernels have no interpret path here).
     logit_soft_cap: ``cap * tanh(logits / cap)`` before the softmax; the
       statistic is inverted to before the cap (see the module docstring).
     stats_include_bias: accept a statistic that includes ``bias``.
