@@ -1,21 +1,26 @@
-"""The README's Python blocks run as written."""
+"""The README's and the docs guides' Python blocks run as written."""
 
 import re
 from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+GUIDES = sorted((ROOT / "docs" / "guides").glob("*.md"))
+BLOCKS = [(path, i, block)
+          for path in [README, *GUIDES]
+          for i, block in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))]
 
 
 def test_readme_has_python_blocks():
-  assert len(BLOCKS) >= 2
+  assert sum(path == README for path, _, _ in BLOCKS) >= 2
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index):
-  exec(compile(BLOCKS[index], f"README.md[python block {index}]", "exec"), {})
+@pytest.mark.parametrize("path,index,block", BLOCKS,
+                         ids=[f"{p.name}[{i}]" for p, i, _ in BLOCKS])
+def test_python_block_runs(path, index, block):
+  exec(compile(block, f"{path.name}[python block {index}]", "exec"), {})
 
 
 def test_ci_runs_the_readme_test_command():
