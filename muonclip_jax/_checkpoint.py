@@ -201,16 +201,26 @@ def _require(manager: Any) -> MuonClipCheckpointManager:
 # The manifest.
 
 
+def _tree(directory: epath.Path, prefix: str) -> Iterator[tuple[str, epath.Path]]:
+  """``(prefix + relative name, path)`` of every file under ``directory``, recursively.
+
+  Lists with ``iterdir``, which keeps the ``epath.Path`` of each entry (its
+  ``gs://`` scheme included): ``walk()`` on ``gs://`` yields folder names
+  without the scheme, and ``rglob`` refuses ``gs://``.
+  """
+  for child in sorted(directory.iterdir(), key=lambda c: c.name):
+    if child.is_dir():
+      yield from _tree(child, f"{prefix}{child.name}/")
+    else:
+      yield prefix + child.name, child
+
+
 def _files(root: epath.Path) -> Iterator[tuple[str, epath.Path]]:
   """``(path relative to root, path)`` of every file of the items, in order."""
   for item in ITEMS:
     base = root / item
-    if not base.exists():
-      continue
-    for dirpath, _, names in base.walk():
-      for name in names:
-        full = epath.Path(dirpath) / name
-        yield full.relative_to(root).as_posix(), full
+    if base.exists():
+      yield from _tree(base, item + "/")
 
 
 def _sha256(path: epath.Path) -> str:
