@@ -31,10 +31,15 @@ step against its manifest first: each process checks its share of the files
 and the verdicts are gathered, so every process reports the same file and
 every process falls back to the same step. Orbax fails deep in TensorStore on
 damaged files, sometimes without naming the step, or (a damaged chunk without
-a checksum) not at all; the manifest names the step and the file.
+a checksum) not at all; the manifest names the step and the file. Only what
+the manifest proves damaged is ever deleted; the targets are compared with
+the saved arrays (paths, shapes, dtypes) before anything is read; transient
+I/O errors are retried, and a step that verifies but still cannot be read
+raises, naming it, rather than being skipped.
 
-All file access goes through :mod:`etils.epath`, so ``gs://`` and other
-remote paths work like local ones.
+All file access goes through :mod:`etils.epath`: local paths and ``gs://``
+(tested against a GCS emulator, tests/test_checkpoint_gcs.py). Other URL
+schemes are refused (Orbax 0.12 cannot write them).
 
 Multi-process rules (``jax.distributed``): every function here is called by
 every process with the same arguments (they contain collectives and Orbax
