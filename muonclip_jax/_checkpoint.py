@@ -31,10 +31,15 @@ step against its manifest first: each process checks its share of the files
 and the verdicts are gathered, so every process reports the same file and
 every process falls back to the same step. Orbax fails deep in TensorStore on
 damaged files, sometimes without naming the step, or (a damaged chunk without
-a checksum) not at all; the manifest names the step and the file.
+a checksum) not at all; the manifest names the step and the file. Only what
+the manifest proves damaged is ever deleted; the targets are compared with
+the saved arrays (paths, shapes, dtypes) before anything is read; transient
+I/O errors are retried, and a step that verifies but still cannot be read
+raises, naming it, rather than being skipped.
 
-All file access goes through :mod:`etils.epath`, so ``gs://`` and other
-remote paths work like local ones.
+All file access goes through :mod:`etils.epath`: local paths and ``gs://``
+(tested against a GCS emulator, tests/test_checkpoint_gcs.py). Other URL
+schemes are refused (Orbax 0.12 cannot write them).
 
 Multi-process rules (``jax.distributed``): every function here is called by
 every process with the same arguments (they contain collectives and Orbax
@@ -59,6 +64,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -87,17 +93,27 @@ _CHUNK = 1 << 20
 _OK, _MISSING, _SIZE, _HASH = 0, 1, 2, 3
 
 
+# TensorStore reports storage faults as ValueError with a status-code prefix;
+# these codes are the ones worth retrying (the request may succeed next time).
+_TRANSIENT_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED")
+
+
 class CheckpointError(RuntimeError):
-  """A checkpoint step that is missing, incomplete or damaged.
+  """A checkpoint step that is missing, incomplete or damaged, or cannot be read.
 
   Attributes:
     step: the step (``None`` when no step is concerned).
     path: the step directory or the offending file.
     reason: what is wrong.
+    damaged: the step's manifest proves it damaged: a file it lists is
+      missing, of another size or (hashes checked) of other contents. Only
+      such steps are ever deleted (:func:`restore_latest_valid`). ``False``
+      for everything that proves nothing about the saved data: no or an
+      unreadable manifest, or Orbax failing on a step whose files verified.
   """
 
-  def __init__(self, step: int | None, path: Any, reason: str):
-    self.step, self.path, self.reason = step, str(path), reason
+  def __init__(self, step: int | None, path: Any, reason: str, *, damaged: bool = False):
+    self.step, self.path, self.reason, self.damaged = step, str(path), reason, damaged
     where = f"checkpoint step {step} at {path}" if step is not None else f"checkpoints at {path}"
     super().__init__(f"{where}: {reason}")
 
@@ -159,9 +175,9 @@ def make_checkpoint_manager(directory: str | os.PathLike[str], *, max_to_keep: i
   """A checkpoint manager for ``params`` and ``opt_state`` (module docstring).
 
   Args:
-    directory: where step directories go (created if missing): a local path
-      or any path :mod:`etils.epath` knows (``gs://...``), shared by every
-      process.
+    directory: where step directories go (created if missing), shared by
+      every process: a local path (made absolute; a network file system for
+      several hosts) or ``gs://BUCKET/PATH``.
     max_to_keep: steps kept (older ones are deleted once a newer step is
       committed); keep at least 2 so a damaged newest step leaves one to fall
       back on. ``None`` keeps all.
@@ -177,8 +193,11 @@ def make_checkpoint_manager(directory: str | os.PathLike[str], *, max_to_keep: i
     ``manager.close()``, which waits for a save in flight.
 
   Raises:
-    ValueError: ``max_to_keep`` or ``save_interval_steps`` below 1.
+    ValueError: ``directory`` is empty, an existing file, or a URL of
+      another scheme than ``gs://`` (``s3://`` and the like: Orbax 0.12
+      cannot write them); ``max_to_keep`` or ``save_interval_steps`` below 1.
   """
+  directory = _checked_directory(directory)
   if max_to_keep is not None and max_to_keep < 1:
     raise ValueError(f"max_to_keep: expected None or >= 1, got {max_to_keep}")
   if save_interval_steps < 1:
@@ -188,6 +207,30 @@ def make_checkpoint_manager(directory: str | os.PathLike[str], *, max_to_keep: i
       cleanup_tmp_directories=True)
   return MuonClipCheckpointManager(directory, options=options,
                                    blocking=not enable_async_checkpointing)
+
+
+def _checked_directory(directory: str | os.PathLike[str]) -> epath.Path:
+  """``directory`` as an absolute local path or a ``gs://`` path, or a clear error."""
+  text = os.fspath(directory)
+  text = text.decode() if isinstance(text, bytes) else text
+  supported = ("a local directory (shared by every process: a network file system) or "
+               "gs://BUCKET/PATH")
+  if not text.strip():
+    raise ValueError(f"directory: empty path {text!r}; give {supported}")
+  scheme, sep, rest = text.partition("://")
+  if sep:
+    if scheme != "gs":
+      raise ValueError(f"directory: {text!r} uses the scheme {scheme + '://'!r}, which "
+                       f"Orbax {ocp.__version__} cannot write checkpoints to; give "
+                       f"{supported} (for other object stores, mount them as a file system)")
+    if not rest.split("/", 1)[0]:
+      raise ValueError(f"directory: {text!r} names no bucket; give gs://BUCKET/PATH")
+    return epath.Path(text)
+  path = epath.Path(os.path.abspath(text))
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"directory: {text!r} is an existing file, not a directory; give "
+                     "a directory for the checkpoint steps (it is created if missing)")
+  return path
 
 
 def _require(manager: Any) -> MuonClipCheckpointManager:
@@ -201,16 +244,26 @@ def _require(manager: Any) -> MuonClipCheckpointManager:
 # The manifest.
 
 
+def _tree(directory: epath.Path, prefix: str) -> Iterator[tuple[str, epath.Path]]:
+  """``(prefix + relative name, path)`` of every file under ``directory``, recursively.
+
+  Lists with ``iterdir``, which keeps the ``epath.Path`` of each entry (its
+  ``gs://`` scheme included): ``walk()`` on ``gs://`` yields folder names
+  without the scheme, and ``rglob`` refuses ``gs://``.
+  """
+  for child in sorted(directory.iterdir(), key=lambda c: c.name):
+    if child.is_dir():
+      yield from _tree(child, f"{prefix}{child.name}/")
+    else:
+      yield prefix + child.name, child
+
+
 def _files(root: epath.Path) -> Iterator[tuple[str, epath.Path]]:
   """``(path relative to root, path)`` of every file of the items, in order."""
   for item in ITEMS:
     base = root / item
-    if not base.exists():
-      continue
-    for dirpath, _, names in base.walk():
-      for name in names:
-        full = epath.Path(dirpath) / name
-        yield full.relative_to(root).as_posix(), full
+    if base.exists():
+      yield from _tree(base, item + "/")
 
 
 def _sha256(path: epath.Path) -> str:
@@ -231,14 +284,61 @@ def write_manifest(step: int, root: epath.Path) -> None:
   (root / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
 
 
-def _check_file(full: epath.Path, meta: dict[str, Any], check_hashes: bool) -> int:
-  if not full.exists():
+def _is_transient(error: BaseException) -> bool:
+  """An I/O error that may not happen again: worth a retry (a missing file is not)."""
+  if isinstance(error, FileNotFoundError):
+    return False
+  if isinstance(error, OSError):  # ConnectionError, TimeoutError, EIO, ...
+    return True
+  return isinstance(error, ValueError) and str(error).startswith(_TRANSIENT_STATUS)
+
+
+def _retrying(fn: Any, what: str, retries: int, backoff_s: float) -> Any:
+  """``fn()``, retried up to ``retries`` times on transient I/O errors, with backoff."""
+  for attempt in range(retries + 1):
+    try:
+      return fn()
+    except Exception as e:  # only transient ones are retried, the rest re-raised
+      if attempt == retries or not _is_transient(e):
+        raise
+      delay = backoff_s * 2 ** attempt
+      warnings.warn(f"{what}: {type(e).__name__}: {e}; retrying in {delay:g} s "
+                    f"({attempt + 1} of {retries})", RuntimeWarning, stacklevel=3)
+      time.sleep(delay)
+  raise AssertionError("unreachable")
+
+
+def _invalidate_listings(path: epath.Path) -> None:
+  """Drops the cached directory listings of ``path``'s file system (gcsfs caches them).
+
+  A listing cached before a file was deleted says it exists, and reading it
+  then raises ``FileNotFoundError``; verification must see the store as it is.
+  """
+  backend = getattr(path, "_backend", None)  # etils: fsspec for gs://, os for local
+  fs = getattr(backend, "fs", None)
+  if fs is None or "://" not in os.fspath(path):
+    return
+  try:
+    fs(os.fspath(path)).invalidate_cache()
+  except Exception:  # noqa: BLE001  (an optimisation; verification reads the files anyway)
+    pass
+
+
+def _check_file(full: epath.Path, meta: dict[str, Any], check_hashes: bool,
+                retries: int = 2, backoff_s: float = 0.5) -> int:
+  """The verdict of one file; a file that vanishes while it is read is missing."""
+  def check() -> int:
+    if not full.exists():
+      return _MISSING
+    if full.stat().length != meta["size"]:
+      return _SIZE
+    if check_hashes and _sha256(full) != meta["sha256"]:
+      return _HASH
+    return _OK
+  try:
+    return _retrying(check, f"reading {full}", retries, backoff_s)
+  except FileNotFoundError:  # listed (a stale listing) but gone
     return _MISSING
-  if full.stat().length != meta["size"]:
-    return _SIZE
-  if check_hashes and _sha256(full) != meta["sha256"]:
-    return _HASH
-  return _OK
 
 
 def _gather_max(codes: np.ndarray) -> np.ndarray:
@@ -303,11 +403,14 @@ def verify_checkpoint(manager: MuonClipCheckpointManager, step: int, *,
   Raises:
     CheckpointError: naming the step and the file, for a missing step,
       manifest or file, a file of the wrong size (truncated) or, with
-      ``check_hashes``, with changed contents.
+      ``check_hashes``, with changed contents. Its ``damaged`` is ``True``
+      when the manifest proves the step damaged (a listed file missing, of
+      another size or contents), ``False`` when there is no readable manifest.
   """
   manager = _require(manager)
   step = int(step)
   root = manager.step_path(step)
+  _invalidate_listings(root)
   files = _agreed_manifest(step, root / MANIFEST)
   for item in ITEMS:
     if not any(rel.startswith(item + "/") for rel in files):
@@ -327,11 +430,26 @@ def verify_checkpoint(manager: MuonClipCheckpointManager, step: int, *,
             _SIZE: f"file size differs from the {size} bytes the save wrote "
                    "(truncated or overwritten)",
             _HASH: "file contents changed since the save (SHA-256)"}[int(codes[i])]
-  raise CheckpointError(step, full, reason)
+  raise CheckpointError(step, full, reason, damaged=True)
 
 
 # --------------------------------------------------------------------------
 # Save and restore.
+
+
+_TARGET_FIX = ("pass targets built as the run that saved it built them (the same model and "
+               "optimizer flags: the same init functions, or jax.eval_shape of them)")
+
+
+def _check_saveable(tree: Any, arg: str) -> None:
+  """Refuses leaves that Orbax would save but could not restore onto a target."""
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if not isinstance(x, (jax.Array, np.ndarray, np.generic)):
+      raise TypeError(
+          f"{arg}{jax.tree_util.keystr(path)}: a {type(x).__name__} leaf ({x!r:.40}) cannot "
+          "be checkpointed, only arrays can (a restore needs its shape and dtype); make "
+          "it an array, e.g. jnp.asarray(x), replicated on a mesh with "
+          "jax.device_put(x, NamedSharding(mesh, PartitionSpec()))")
 
 
 def save_checkpoint(manager: MuonClipCheckpointManager, step: int, params: Any,
@@ -347,7 +465,8 @@ def save_checkpoint(manager: MuonClipCheckpointManager, step: int, params: Any,
     manager: from :func:`make_checkpoint_manager`.
     step: the training step.
     params: the parameters (global ``jax.Array`` leaves).
-    opt_state: the whole optimizer state.
+    opt_state: the whole optimizer state (array leaves; ``None`` and empty
+      nodes such as optax's ``MaskedNode`` are fine).
     force: save even if ``step`` is not on the manager's save interval.
 
   Returns:
@@ -355,47 +474,163 @@ def save_checkpoint(manager: MuonClipCheckpointManager, step: int, params: Any,
     step not newer than the newest committed one (Orbax's rule).
 
   Raises:
-    TypeError: ``manager`` is not from :func:`make_checkpoint_manager`.
+    TypeError: ``manager`` is not from :func:`make_checkpoint_manager`, or a
+      leaf is not an array (a Python ``int``, ``float``, ``str``...): the
+      message names the leaf's path. Nothing is written then.
   """
   manager = _require(manager)
+  _check_saveable(params, "params")
+  _check_saveable(opt_state, "opt_state")
   return manager.save(int(step), args=ocp.args.Composite(
       params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state)),
       force=force)
 
 
-def _abstract(tree: Any) -> Any:
+def _abstract(tree: Any, arg: str) -> Any:
   """``jax.ShapeDtypeStruct`` with sharding for every array leaf of ``tree``."""
-  def leaf(x):
+  def leaf(path, x):
     if isinstance(x, jax.ShapeDtypeStruct):
       return x
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise TypeError(f"{arg}{jax.tree_util.keystr(path)}: a {type(x).__name__} leaf is not "
+                      f"an array or jax.ShapeDtypeStruct; {_TARGET_FIX}")
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
-  return jax.tree.map(leaf, tree)
+  return jax.tree_util.tree_map_with_path(leaf, tree)
+
+
+def _orbax_name(path: tuple[Any, ...]) -> str:
+  """The name Orbax stores a leaf under: its keys joined with dots."""
+  parts = []
+  for key in path:
+    for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey/FlattenedIndexKey
+      if hasattr(key, attr):
+        parts.append(str(getattr(key, attr)))
+        break
+    else:
+      parts.append(str(key))
+  return ".".join(parts)
+
+
+def _check_targets(manager: MuonClipCheckpointManager, step: int,
+                   targets: dict[str, tuple[str, Any]], retries: int, backoff_s: float) -> None:
+  """Raises before any restore if a target leaf differs from what ``step`` holds.
+
+  Orbax casts a saved array to the target's dtype (float32 read into int32
+  gives zeros) and fails deep inside TensorStore on another shape; this
+  compares every leaf's path, shape and dtype with the step's own metadata.
+  """
+  for item, (arg, tree) in targets.items():
+    directory = manager.step_path(step) / item
+    try:
+      meta = _retrying(lambda d=directory: ocp.StandardCheckpointHandler().metadata(d),
+                       f"reading the metadata of checkpoint step {step}", retries, backoff_s)
+    except Exception:  # noqa: BLE001  unreadable: Orbax's restore reports it, retried
+      continue
+    saved = {m.name: m for m in jax.tree.leaves(meta) if hasattr(m, "name")}
+    seen = set()
+    for path, t in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      where = f"{arg}{jax.tree_util.keystr(path)}"
+      name = _orbax_name(path)
+      seen.add(name)
+      if name not in saved:
+        raise ValueError(f"{where}: checkpoint step {step} has no such leaf (its {item} holds "
+                         f"{len(saved)} arrays); {_TARGET_FIX}")
+      m = saved[name]
+      s_shape, s_dtype = getattr(m, "shape", None), getattr(m, "dtype", None)
+      if s_shape is None or s_dtype is None:
+        continue
+      if tuple(s_shape) != tuple(t.shape) or np.dtype(s_dtype) != np.dtype(t.dtype):
+        raise ValueError(
+            f"{where}: checkpoint step {step} holds shape {tuple(s_shape)} "
+            f"{np.dtype(s_dtype).name}, the target is shape {tuple(t.shape)} "
+            f"{np.dtype(t.dtype).name}; {_TARGET_FIX}")
+    missing = sorted(set(saved) - seen)
+    if missing:
+      raise ValueError(f"{arg}: checkpoint step {step} holds {item} leaf {missing[0]!r} "
+                       f"(and {len(missing) - 1} more) that the target lacks; {_TARGET_FIX}")
+
+
+def _check_retry_args(retries: int, backoff_s: float) -> None:
+  if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+    raise ValueError(f"retries: expected an int >= 0, got {retries!r}")
+  if not (isinstance(backoff_s, (int, float)) and 0 <= backoff_s < float("inf")):
+    raise ValueError(f"backoff_s: expected a finite number of seconds >= 0, got {backoff_s!r}")
+
+
+def _restore_step(manager: MuonClipCheckpointManager, step: int, targets: dict[str, Any],
+                  verify: bool, retries: int, backoff_s: float) -> tuple[Any, Any]:
+  """Orbax's restore of ``step`` onto the abstract targets, transient faults retried.
+
+  A failure is checked against the manifest again (sizes, fresh listings):
+  a file gone since the verification makes it a damaged step (``damaged``);
+  otherwise the step is intact as far as anything shows, and the error says so.
+  """
+  args = ocp.args.Composite(**{item: ocp.args.StandardRestore(tree)
+                               for item, (_, tree) in targets.items()})
+  try:
+    out = _retrying(lambda: manager.restore(step, args=args),
+                    f"restoring checkpoint step {step}", retries, backoff_s)
+  except Exception as e:  # Orbax/TensorStore raise many types; name the step instead.
+    if verify:
+      verify_checkpoint(manager, step, check_hashes=False)  # raises (damaged) on a lost file
+    tried = f" (tried {retries + 1} times)" if _is_transient(e) else ""
+    kept = (" Its files match the manifest, so nothing proves it damaged: it was neither "
+            "skipped nor deleted;" if verify else "")
+    raise CheckpointError(
+        step, manager.step_path(step),
+        f"Orbax could not restore it{tried}: {type(e).__name__}: {e}.{kept} fix the storage "
+        "access and try again, or restore an older step with restore_checkpoint(step=...)"
+    ) from e
+  return out["params"], out["opt_state"]
 
 
 def restore_checkpoint(manager: MuonClipCheckpointManager, params_like: Any,
                        opt_state_like: Any, step: int | None = None, *,
-                       verify: bool = True) -> tuple[Any, Any]:
+                       verify: bool = True, retries: int = 2, backoff_s: float = 0.5
+                       ) -> tuple[Any, Any]:
   """Restores ``(params, opt_state)`` with the shapes, dtypes and shardings of the targets.
 
   Every process calls it. Waits for a save in flight first. The targets may
   live on another mesh, or another number of processes, than the save's:
-  Orbax reads each target shard from the saved ones.
+  Orbax reads each target shard from the saved ones. Before reading any array
+  it compares the targets with what the step holds (each leaf's path, shape
+  and dtype) and refuses a mismatch: Orbax would otherwise cast (a float32
+  array read into an int32 target is zeros) or fail deep in TensorStore.
 
   Args:
     manager: from :func:`make_checkpoint_manager`.
     params_like, opt_state_like: arrays or ``jax.ShapeDtypeStruct`` (with
-      ``sharding``) of the same tree structure as what was saved.
+      ``sharding``) of the same tree structure, shapes and dtypes as what was
+      saved.
     step: the step; ``None`` for the newest.
-    verify: check the step against its manifest first (:func:`verify_checkpoint`).
+    verify: check the step against its manifest first
+      (:func:`verify_checkpoint`: every file present, of the saved size and
+      SHA-256, which reads the whole step once). With ``False`` none of that
+      is checked: a truncated file, a deleted file or a missing manifest may
+      still make Orbax fail, but changed contents (a flipped byte in a chunk
+      without a checksum) are restored as they are, without any error, and a
+      failure is never recognised as damage. The target check above still runs.
+    retries: how many times a transient I/O error (``OSError`` other than
+      ``FileNotFoundError``, or a TensorStore ``UNAVAILABLE`` /
+      ``DEADLINE_EXCEEDED`` / ``ABORTED`` / ``RESOURCE_EXHAUSTED``) is retried.
+    backoff_s: the wait before the first retry, doubled before each next one.
 
   Returns:
     ``(params, opt_state)``.
 
   Raises:
     CheckpointError: no checkpoint, or the step is incomplete or damaged (the
-      message names the step and the file), or Orbax cannot read it.
+      message names the step and the file), or Orbax cannot read it (after
+      the retries).
+    ValueError: a target leaf's path, shape or dtype differs from the saved
+      one (the message names the first such leaf, both shapes and dtypes), or
+      bad ``retries``/``backoff_s``. Nothing is read then.
+    TypeError: a target leaf is not an array or ``jax.ShapeDtypeStruct``.
   """
   manager = _require(manager)
+  _check_retry_args(retries, backoff_s)
+  targets = {"params": ("params_like", _abstract(params_like, "params_like")),
+             "opt_state": ("opt_state_like", _abstract(opt_state_like, "opt_state_like"))}
   manager.wait_until_finished()
   if step is None:
     manager.reload()
@@ -403,21 +638,11 @@ def restore_checkpoint(manager: MuonClipCheckpointManager, params_like: Any,
     if not steps:
       raise CheckpointError(None, manager.directory, "no checkpoint to restore")
     step = steps[-1]
-  return _restore(manager, int(step), params_like, opt_state_like, verify)
-
-
-def _restore(manager: MuonClipCheckpointManager, step: int, params_like: Any,
-             opt_state_like: Any, verify: bool) -> tuple[Any, Any]:
+  step = int(step)
   if verify:
     verify_checkpoint(manager, step)
-  try:
-    out = manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract(params_like)),
-        opt_state=ocp.args.StandardRestore(_abstract(opt_state_like))))
-  except Exception as e:  # Orbax/TensorStore raise many types; name the step instead.
-    raise CheckpointError(step, manager.step_path(step), "Orbax could not restore it: "
-                          f"{type(e).__name__}: {e}") from e
-  return out["params"], out["opt_state"]
+  _check_targets(manager, step, targets, retries, backoff_s)
+  return _restore_step(manager, step, targets, verify, retries, backoff_s)
 
 
 def _agreed_steps(manager: MuonClipCheckpointManager) -> list[int]:
@@ -433,42 +658,87 @@ def _agreed_steps(manager: MuonClipCheckpointManager) -> list[int]:
 
 
 def restore_latest_valid(manager: MuonClipCheckpointManager, params_like: Any,
-                         opt_state_like: Any, *, delete_invalid: bool = True
+                         opt_state_like: Any, *, delete_invalid: bool = True,
+                         retries: int = 2, backoff_s: float = 0.5
                          ) -> tuple[int, Any, Any]:
   """The newest step that verifies and restores, skipping damaged ones (with a warning).
 
   Every process calls it and every process gets the same step: the steps are
   process 0's listing, and each verdict is gathered from all processes.
 
+  Newest first, each step is
+
+  * **skipped and deleted** (``delete_invalid``) when its manifest proves it
+    damaged: a file it lists is missing, of another size or of other
+    contents. The warning names the step, the file and why.
+  * **skipped but kept** when it has no readable manifest (a step not written
+    by :func:`save_checkpoint`, or whose manifest was lost): nothing proves
+    its data damaged, so it is never deleted, but it cannot be trusted
+    either. The warning says so. Orbax saves only steps newer than the newest
+    one on disk, so the resumed run's saves up to that step return ``False``
+    until you delete it (``manager.delete(step)``) or move it away.
+  * **restored** otherwise: the targets are first compared with what it
+    holds (a mismatch raises ``ValueError``, before anything is deleted), and
+    transient I/O errors of Orbax are retried. If Orbax still fails, and the
+    files still match the manifest, it raises: an intact step is never
+    skipped in silence, nor deleted.
+
   Args:
     manager: from :func:`make_checkpoint_manager`.
     params_like, opt_state_like: as for :func:`restore_checkpoint`.
-    delete_invalid: delete the steps newer than the restored one that failed
-      (after the warning). Orbax saves only steps newer than the newest one on
-      disk, so a damaged newest step left in place would silently stop every
-      save of a resumed run until it passed that step number.
+    delete_invalid: delete the steps newer than the restored one that the
+      manifest proved damaged (after the warning), so the resumed run can
+      save those step numbers again. Nothing else is ever deleted.
+    retries, backoff_s: as for :func:`restore_checkpoint`.
 
   Returns:
     ``(step, params, opt_state)``.
 
   Raises:
-    CheckpointError: when no step is usable (listing why each failed).
+    CheckpointError: when no step is usable (listing why each failed), or
+      when Orbax cannot read a step whose files verified (naming the step).
+    ValueError: the targets differ from what the step holds (as for
+      :func:`restore_checkpoint`); nothing was deleted.
   """
   manager = _require(manager)
+  _check_retry_args(retries, backoff_s)
+  targets = {"params": ("params_like", _abstract(params_like, "params_like")),
+             "opt_state": ("opt_state_like", _abstract(opt_state_like, "opt_state_like"))}
   manager.wait_until_finished()
   manager.reload()
   errors: list[str] = []
-  failed: list[int] = []
+  damaged: list[int] = []
+
+  def skip(e: CheckpointError) -> None:
+    errors.append(str(e))
+    if e.damaged:
+      damaged.append(int(e.step))
+      then = " (it will be deleted)" if delete_invalid else ""
+      warnings.warn(f"skipping {e}: its manifest proves it damaged{then}",
+                    RuntimeWarning, stacklevel=3)
+    else:
+      warnings.warn(
+          f"skipping {e}. It is KEPT, not deleted: nothing proves its data damaged, but it "
+          "cannot be verified either. Orbax saves only steps newer than the newest one on "
+          f"disk, so saves up to step {e.step} return False until you delete it "
+          f"(manager.delete({e.step})) or move it away", RuntimeWarning, stacklevel=3)
+
   for step in reversed(_agreed_steps(manager)):
     try:
-      params, opt_state = _restore(manager, step, params_like, opt_state_like, True)
+      verify_checkpoint(manager, step)
     except CheckpointError as e:
-      warnings.warn(f"skipping {e}", RuntimeWarning, stacklevel=2)
-      errors.append(str(e))
-      failed.append(step)
+      skip(e)
+      continue
+    _check_targets(manager, step, targets, retries, backoff_s)
+    try:
+      params, opt_state = _restore_step(manager, step, targets, True, retries, backoff_s)
+    except CheckpointError as e:
+      if not e.damaged:
+        raise
+      skip(e)
       continue
     if delete_invalid:
-      _delete(manager, failed)
+      _delete(manager, damaged)
     return step, params, opt_state
   reason = "no usable checkpoint" + (": " + "; ".join(errors) if errors else "")
   raise CheckpointError(None, manager.directory, reason)
@@ -476,7 +746,7 @@ def restore_latest_valid(manager: MuonClipCheckpointManager, params_like: Any,
 
 def _delete(manager: MuonClipCheckpointManager, steps: Sequence[int]) -> None:
   for step in steps:
-    warnings.warn(f"deleting checkpoint step {step} at {manager.step_path(step)}, which "
-                  "failed verification, so that the run can save that step again",
-                  RuntimeWarning, stacklevel=3)
+    warnings.warn(f"deleting checkpoint step {step} at {manager.step_path(step)}: its "
+                  "manifest proved it damaged (see the warning above), and the run can "
+                  "save that step again", RuntimeWarning, stacklevel=3)
     manager.delete(step)
