@@ -93,6 +93,28 @@ LayoutsLike = QKLayout | Mapping[str, QKLayout] | None
 Schedule = int | Callable[[jax.Array], jax.Array]
 _MISSING = object()
 
+# How each kind of model produces the statistic: every "no statistics" error ends with it.
+PRODUCER_HINT = (
+    "How to produce them, by framework: Flax linen: attention_fn=muonclip_jax."
+    "dot_product_attention called with sow_weights=True (or MaxLogitMultiHeadDotProduct"
+    "Attention), model.apply(..., mutable=['intermediates']), pass the returned "
+    "'intermediates'; Flax NNX: the same attention_fn (or MaxLogitMultiHeadAttention), "
+    "then nnx.capture(model, nnx.Intermediate)(x) -- a model that assigns an "
+    "nnx.Intermediate attribute instead of calling sow (MaxText's record_max_logits) "
+    "gives {} to nnx.capture: call the model, then stats = nnx.pop(model, "
+    "nnx.Intermediate); hand-written attention in any framework (Equinox, PyTorch-style, "
+    "plain JAX): compute muonclip_jax.head_max_logits(logits, mask=mask) in the forward "
+    "pass, return it, and pass {'path/to/attention': {'max_logits': value}}, the path "
+    "being the module that holds the query/key parameters (or a parameter-less child of "
+    "it).")
+
+LAYOUT_HINT = (
+    "QK-Clip detects only Flax's own attention modules (query/key/value/out with 3-D "
+    "kernels); say where any other model keeps its query/key weights with layouts=: "
+    "separate_qk (separate projections; PyTorch/Equinox (out, in) weights: "
+    "weight_layout='out_in'), fused_qkv, mla, qk_norm, e.g. layouts={'*/attn': "
+    "muonclip_jax.separate_qk('q_proj', 'k_proj', num_heads=8, merged_heads=True)}.")
+
 
 class QKClipState(NamedTuple):
   """State of :func:`qk_clip`: telemetry for logging and micro-step accumulation.
@@ -301,6 +323,30 @@ def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: Layou
   return layers
 
 
+def _no_layers_error(shapes: Mapping[Path, tuple[int, ...]], layouts: LayoutsLike,
+                     auto_detect: bool) -> ValueError:
+  paths = sorted(show_path(p) for p in shapes)
+  some = ", ".join(repr(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
+  given = ("no layouts given" if layouts is None else "the layouts given matched nothing")
+  return ValueError(
+      f"qk_clip: no attention layer found in the parameters ({len(paths)} leaves: "
+      f"{some or 'none'}; {given}; auto_detect={auto_detect}). QK-Clip would do nothing. "
+      f"{LAYOUT_HINT} If the model has no attention, use muonclip_jax.muon instead of "
+      f"muonclip, or pass allow_no_attention=True.")
+
+
+def _empty_stats_error(max_logits: Any, layers: Mapping[Path, Layer]) -> ValueError:
+  leaves, _ = leaves_with_paths(max_logits)
+  seen = ", ".join(repr(show_path(p)) for p, _ in leaves[:6]) + (
+      ", ..." if len(leaves) > 6 else "")
+  what = (f"a {type(max_logits).__name__} with no leaf" if not leaves else
+          f"leaves {seen}, none under a 'max_logits' key")
+  known = ", ".join(repr(show_path(m)) for m in layers)
+  return ValueError(
+      f"qk_clip: the statistics passed as max_logits= hold no 'max_logits' entry ({what}); "
+      f"the attention layers {known} would go unclipped. {PRODUCER_HINT}")
+
+
 def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: LayoutsLike,
                      shapes: Mapping[Path, tuple[int, ...]]) -> ValueError:
   hint = ""
@@ -317,7 +363,8 @@ def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: Layout
   return ValueError(
       f"qk_clip: statistics at {show_path(module)!r} have no matching attention "
       f"parameters (attention layers found: {known}).{hint} Sow max_logits in the module "
-      f"that owns the query/key parameters, or describe them with layouts=.")
+      f"that owns the query/key parameters (or a parameter-less child of it), or "
+      f"describe the parameters with layouts=. {LAYOUT_HINT}")
 
 
 # --------------------------------------------------------------------------
@@ -365,9 +412,9 @@ def _match_statistics(stats: dict[Path, jax.Array], layers: dict[Path, Layer], c
     missing = [show_path(m) for m in layers if m not in stats]
     if missing:
       raise ValueError(
-          f"qk_clip: no max_logits for attention layers {missing} (strict=True). Call "
-          f"them with sow_weights=True and attention_fn=muonclip_jax."
-          f"dot_product_attention, or pass strict=False to leave them unclipped.")
+          f"qk_clip: no max_logits for attention layers {missing} (strict=True); "
+          f"statistics came for {[show_path(m) for m in stats]}. Pass strict=False to "
+          f"leave layers without statistics unclipped. {PRODUCER_HINT}")
   return stats
 
 
@@ -458,6 +505,7 @@ def qk_clip(
     auto_detect: bool = True,
     strict: bool = True,
     every_k_schedule: Schedule | None = None,
+    allow_no_attention: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """QK-Clip (Kimi K2, arXiv 2507.20534): rescale hot heads' q/k weights after the update.
 
@@ -502,6 +550,10 @@ def qk_clip(
       micro-steps itself, so it must match ``MultiSteps``'s schedule, and
       ``MultiSteps(should_skip_update_fn=...)`` (skipped micro-steps) is not
       supported.
+    allow_no_attention: accept parameters with no attention layer (``init``
+      and ``update`` raise otherwise, since the transform would do nothing);
+      with none found, ``update`` then passes updates through and accepts empty
+      statistics.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -509,8 +561,10 @@ def qk_clip(
 
   Raises:
     ValueError: ``tau <= 0``; unknown ``gqa_sharing``; a layout that matches
-      nothing; statistics with no matching parameters or the wrong shape; a
-      missing ``max_logits`` argument (at trace time, naming the path).
+      nothing; no attention layer found (unless ``allow_no_attention``);
+      statistics that are missing, empty (no ``max_logits`` entry), have no
+      matching parameters or the wrong shape (at trace time, naming the path
+      and how each framework produces them).
 
   References:
     Kimi Team, `Kimi K2: Open Agentic Intelligence
@@ -548,7 +602,10 @@ def qk_clip(
     paths = [p for p, _ in leaves]
     cut = _param_prefix(paths)
     shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
-    return find_attention_layers(shapes, layouts, auto_detect), cut
+    layers = find_attention_layers(shapes, layouts, auto_detect)
+    if not layers and not allow_no_attention:
+      raise _no_layers_error(shapes, layouts, auto_detect)
+    return layers, cut
 
   def init_fn(params: optax.Params) -> QKClipState:
     layers, _ = find_layers(params)
@@ -568,12 +625,16 @@ def qk_clip(
     if max_logits is _MISSING or max_logits is None:
       raise ValueError(
           "qk_clip: update needs this step's attention statistics: "
-          "tx.update(grads, state, params, max_logits=stats), with stats the linen "
-          "'intermediates' collection or the NNX State of nnx.Intermediate holding "
-          "'max_logits' (nnx.Optimizer.update(model, grads, max_logits=stats)).")
+          "tx.update(grads, state, params, max_logits=stats) "
+          "(nnx.Optimizer.update(model, grads, max_logits=stats)), stats holding "
+          f"'max_logits' entries. {PRODUCER_HINT}")
     layers, cut = find_layers(params)
-    stats = _match_statistics(collect_max_logits(max_logits), layers, cut, params, layouts,
-                              strict)
+    collected = collect_max_logits(max_logits)
+    if not collected:
+      if not layers:  # allow_no_attention: nothing to clip, nothing to check
+        return updates, state
+      raise _empty_stats_error(max_logits, layers)
+    stats = _match_statistics(collected, layers, cut, params, layouts, strict)
     acc = _accumulate(stats, state, schedule)
     factors, num_clipped, num_skipped = _clip_factors(
         stats, layers, acc, jnp.asarray(tau, jnp.float32), gqa_sharing, gqa_alpha)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -876,3 +877,55 @@ def test_mla_merged_matches_3d():
   np.testing.assert_array_equal(out["wq"]["kernel"], np.asarray(ref["wq"]["kernel"]).reshape(E, -1))
   np.testing.assert_array_equal(out["wkv_b"]["kernel"],
                                 np.asarray(ref["wkv_b"]["kernel"]).reshape(r, -1))
+
+
+# --------------------------------------------------------------------------
+# Never silent: nothing found, nothing passed.
+
+
+def _mlp_params():
+  rng = np.random.default_rng(0)
+  return {"dense": {"kernel": jnp.asarray(rng.standard_normal((E, E)), jnp.float32)}}
+
+
+def test_no_attention_layers_raises_at_init_with_hint():
+  # A model whose attention is not Flax's (Equinox-style names) and no layouts: refused.
+  params = {"attn": {"query_proj": {"weight": jnp.ones((8, 8))},
+                     "key_proj": {"weight": jnp.ones((8, 8))}}}
+  for tx in (sgd_clip(1.0), mc.muonclip(1e-3, tau=1.0)):
+    with pytest.raises(ValueError, match=r"no attention layer found.*'attn/key_proj/weight'"
+                       r".*layouts=.*weight_layout='out_in'.*allow_no_attention=True"):
+      tx.init(params)
+
+
+def test_no_attention_opt_out_passes_updates_through():
+  params = _mlp_params()
+  tx = sgd_clip(1.0, allow_no_attention=True)
+  grads = jax.tree.map(jnp.ones_like, params)
+  plain, _ = optax.sgd(0.1).update(grads, optax.sgd(0.1).init(params), params)
+  for stats in ({}, {"intermediates": {}}):
+    upd, state = tx.update(grads, tx.init(params), params, max_logits=stats)
+    chex.assert_trees_all_equal(upd, plain)
+    assert int(state[-1].num_clipped) == 0
+
+
+@pytest.mark.parametrize("stats", [{}, {"intermediates": {}},
+                                   {"attn": {"attention_weights": jnp.ones(4)}}])
+def test_empty_statistics_raise_with_every_producer(stats):
+  params = simple_params()
+  for strict in (True, False):  # strict=False does not make "nothing at all" acceptable
+    with pytest.raises(ValueError, match=r"hold no 'max_logits' entry.*'attn'.*sow_weights="
+                       r"True.*nnx.pop\(model, nnx.Intermediate\).*head_max_logits"):
+      _update(sgd_clip(1.0, strict=strict), params, stats)
+
+
+def test_missing_statistics_hints_fit_every_framework():
+  params = simple_params()
+  grads = jax.tree.map(jnp.zeros_like, params)
+  tx = sgd_clip(1.0)
+  with pytest.raises(ValueError, match=r"needs this step's attention statistics.*linen.*"
+                     r"nnx.capture.*MaxText.*nnx.pop.*Equinox"):
+    tx.update(grads, tx.init(params), params, max_logits=None)
+  params["attn2"] = simple_params(1)["attn"]
+  with pytest.raises(ValueError, match=r"strict=True.*nnx.pop.*head_max_logits"):
+    _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones(4)}})
