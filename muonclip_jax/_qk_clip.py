@@ -394,28 +394,77 @@ class _Accumulated(NamedTuple):
   mini_step: jax.Array
 
 
+def owning_layer(module: Path, layers: Mapping[Path, Layer],
+                 shapes: Mapping[Path, tuple[int, ...]]) -> Path | None:
+  """The attention layer a statistic sown at ``module`` belongs to, or ``None``.
+
+  ``module`` itself when it is a layer. A statistic sown on a module that holds
+  no parameter (MaxText's ``.../self_attention/attention_op``) belongs to its
+  nearest ancestor that holds parameters, if that ancestor is a layer.
+  """
+  if module in layers:
+    return module
+  def holds_parameters(m: Path) -> bool:
+    return any(len(p) > len(m) and p[:len(m)] == m for p in shapes)
+
+  if holds_parameters(module):
+    return None  # a module with parameters of its own that is no attention layer
+  for i in range(len(module) - 1, -1, -1):
+    if module[:i] in layers:
+      return module[:i]
+    if holds_parameters(module[:i]):
+      return None  # the nearest ancestor with parameters is no attention layer
+  return None
+
+
+def head_statistic(s: jax.Array, layer: Layer, where: str) -> jax.Array:
+  """``s`` as ``[layers..., heads]``: batch axes between the layer axes and heads max-reduced.
+
+  The statistics contract: ``[layers..., batch..., heads]``. The layer axes
+  (known from the parameters: ``layer.lead``) come first, as ``jax.lax.scan``,
+  ``nn.scan`` and ``nnx.scan`` stack what a scanned body sows; any axes between
+  them and the heads are batch axes (MaxText sows ``[batch, heads]``) and are
+  max-reduced. Anything else is refused, never guessed.
+  """
+  shape, lead, heads = tuple(s.shape), layer.lead, layer.num_heads
+  want = lead + (heads,)
+  if shape == want:
+    return s
+  n = len(lead)
+  if len(shape) > n + 1 and shape[:n] == lead and shape[-1] == heads:
+    return jnp.max(s, axis=tuple(range(n, len(shape) - 1)))
+  raise ValueError(
+      f"qk_clip: statistics at {where} have shape {shape}, expected {want} for layout "
+      f"{layer.layout.name!r} (statistics contract: [layers..., batch..., heads]: the "
+      f"layer (scan) axes {lead} of the parameters first, as a scan stacks them, then "
+      f"any batch axes, which are max-reduced, then the {heads} query heads last)")
+
+
 def _match_statistics(stats: dict[Path, jax.Array], layers: dict[Path, Layer], cut: int,
                       params: Any, layouts: Any, strict: bool) -> dict[Path, jax.Array]:
-  """Step 1: every statistic belongs to an attention layer, with its head shape."""
+  """Step 1: every statistic belongs to an attention layer, as ``[layers..., heads]``.
+
+  Statistics of one layer (its own and a parameter-less child's) are max-reduced.
+  """
+  leaves, _ = leaves_with_paths(params)
+  shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
+  out: dict[Path, jax.Array] = {}
   for module, s in stats.items():
-    if module not in layers:
-      leaves, _ = leaves_with_paths(params)
-      shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
+    owner = owning_layer(module, layers, shapes)
+    if owner is None:
       raise _no_params_error(module, layers, layouts, shapes)
-    layer = layers[module]
-    want = layer.lead + (layer.num_heads,)
-    if tuple(s.shape) != want:
-      raise ValueError(f"qk_clip: statistics at {show_path(module)!r} have shape "
-                       f"{tuple(s.shape)}, expected {want} ([layers...,] heads) for "
-                       f"layout {layer.layout.name!r}")
+    where = repr(show_path(module)) + (
+        f" (for the attention layer {show_path(owner)!r})" if owner != module else "")
+    v = head_statistic(s, layers[owner], where)
+    out[owner] = jnp.maximum(out[owner], v) if owner in out else v
   if strict:
-    missing = [show_path(m) for m in layers if m not in stats]
+    missing = [show_path(m) for m in layers if m not in out]
     if missing:
       raise ValueError(
           f"qk_clip: no max_logits for attention layers {missing} (strict=True); "
           f"statistics came for {[show_path(m) for m in stats]}. Pass strict=False to "
           f"leave layers without statistics unclipped. {PRODUCER_HINT}")
-  return stats
+  return out
 
 
 def _accumulate(stats: dict[Path, jax.Array], state: QKClipState,

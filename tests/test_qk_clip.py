@@ -686,8 +686,10 @@ def test_wrong_stats_shape_names_path():
   params = simple_params()
   with pytest.raises(ValueError, match=r"'attn' have shape \(3,\), expected \(4,\)"):
     _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones(3)}})
-  with pytest.raises(ValueError, match=r"'attn' have shape \(2, 4\)"):
-    _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones((2, 4))}})
+  # heads must come last: a (heads, batch) statistic is refused, not reduced
+  with pytest.raises(ValueError, match=r"'attn' have shape \(4, 2\).*\[layers..., batch..., "
+                     r"heads\]"):
+    _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones((4, 2))}})
 
 
 def test_stats_without_params_names_path():
@@ -929,3 +931,128 @@ def test_missing_statistics_hints_fit_every_framework():
   params["attn2"] = simple_params(1)["attn"]
   with pytest.raises(ValueError, match=r"strict=True.*nnx.pop.*head_max_logits"):
     _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones(4)}})
+
+
+# --------------------------------------------------------------------------
+# Statistics as models produce them (MaxText-like: [batch, heads] sown on a
+# parameter-less child, scanned layers first), checked against a brute force.
+
+
+def brute_head_max(wq, wk, x) -> np.ndarray:
+  """float64 per-head max of causal ``q . k / sqrt(d)``; wq ``(E, H, D)``, wk ``(E, K, D)``."""
+  x = np.asarray(x, np.float64)
+  q = np.einsum("bte,ehd->bthd", x, np.asarray(wq, np.float64))
+  k = np.einsum("bte,ehd->bthd", x, np.asarray(wk, np.float64))
+  k = np.repeat(k, q.shape[-2] // k.shape[-2], axis=-2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  logits = np.where(np.asarray(causal()), logits, -np.inf)
+  return logits.max(axis=(0, 2, 3))
+
+
+def check_clip_against_brute(before, after, tau):
+  """Hot heads land on tau (1e-5 relative); returns the hot mask."""
+  hot = before > tau
+  assert hot.any() and (~hot).any()
+  np.testing.assert_allclose(after[hot], tau, rtol=1e-5)
+  np.testing.assert_array_equal(after[~hot], before[~hot])
+  return hot
+
+
+class OpChild(nnx.Module):
+  """MaxText's AttentionOp: no parameters, assigns (not sows) a ``[batch, heads]`` statistic."""
+
+  def __call__(self, q, k):
+    logits = qk_logits(q, k)
+    self.max_logits = nnx.Intermediate(
+        jnp.max(jnp.where(causal(), logits, -jnp.inf), axis=(-2, -1)))
+    return logits
+
+
+class Dense3(nnx.Module):
+  def __init__(self, shape, *, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(nnx.initializers.normal(0.5)(rngs.params(), shape))
+
+
+class SelfAttention(nnx.Module):
+  """Parameter names of MaxText's llama attention; the statistic on ``attention_op``."""
+
+  def __init__(self, heads=4, kv=2, dim=4, *, rngs: nnx.Rngs):
+    self.query = Dense3((E, heads, dim), rngs=rngs)
+    self.key = Dense3((E, kv, dim), rngs=rngs)
+    self.value = Dense3((E, kv, dim), rngs=rngs)
+    self.out = Dense3((heads, dim, E), rngs=rngs)
+    self.attention_op = OpChild()
+
+  def __call__(self, x):
+    q = jnp.einsum("bte,ehd->bthd", x, self.query.kernel[...])
+    k = jnp.einsum("bte,ehd->bthd", x, self.key.kernel[...])
+    v = jnp.einsum("bte,ehd->bthd", x, self.value.kernel[...])
+    logits = self.attention_op(q, k)
+    w = jax.nn.softmax(jnp.where(causal(), logits, -1e9))
+    v = jnp.repeat(v, q.shape[-2] // v.shape[-2], axis=-2)
+    return jnp.einsum("bhqk,bkhd,hde->bqe", w, v, self.out.kernel[...])
+
+
+class Decoder(nnx.Module):
+  def __init__(self, *, rngs: nnx.Rngs):
+    self.layers = nnx.List([SelfAttention(rngs=rngs) for _ in range(2)])
+
+  def __call__(self, x):
+    return sum(layer(x) for layer in self.layers)
+
+
+def _sgd0_clip(params, stats, tau, **kw):
+  tx = optax.chain(optax.sgd(0.0), mc.qk_clip(tau, **kw))
+  grads = jax.tree.map(jnp.ones_like, params)
+  upd, state = jax.jit(tx.update)(grads, tx.init(params), params, max_logits=stats)
+  return optax.apply_updates(params, upd), state[-1]
+
+
+def test_batch_statistic_on_parameterless_child_nnx_pop():
+  """MaxText's shape ``[batch, heads]`` at ``.../attention_op``, gathered with ``nnx.pop``."""
+  model = Decoder(rngs=nnx.Rngs(3))
+  x = x_input(4)
+  _, empty = nnx.capture(model, nnx.Intermediate)(x)
+  assert not jax.tree.leaves(empty)  # assigned, not sown: nnx.capture sees nothing
+  model(x)
+  stats = nnx.pop(model, nnx.Intermediate)
+  assert stats_of(stats)[("layers", "0", "attention_op")].shape == (B, 4)
+  params = nnx.as_pure(nnx.state(model, nnx.Param))
+  lay = lambda p, i: p["layers"][i]
+  before = {i: brute_head_max(lay(params, i)["query"]["kernel"], lay(params, i)["key"]["kernel"],
+                              x) for i in (0, 1)}
+  for i in (0, 1):  # the producer agrees with the brute force once batch is max-reduced
+    np.testing.assert_allclose(stats_of(stats)[("layers", str(i), "attention_op")].max(0),
+                               before[i], rtol=1e-5)
+  tau = float(np.median(np.concatenate(list(before.values()))))
+  new, state = _sgd0_clip(params, stats, tau)
+  n_hot = 0
+  for i in (0, 1):
+    after = brute_head_max(lay(new, i)["query"]["kernel"], lay(new, i)["key"]["kernel"], x)
+    hot = check_clip_against_brute(before[i], after, tau)
+    n_hot += int(hot.sum())
+    check_heads(params, new, ("layers", str(i), "query", "kernel"),
+                lambda a: per_head(a, -2), hot)
+  assert int(state.num_clipped) == n_hot
+  assert set(state.max_logits) == {"layers/0", "layers/1"}
+  check_others_bitwise(params, new, {("layers", str(i), "query", "kernel") for i in (0, 1)})
+
+
+def test_statistic_on_child_with_parameters_is_refused():
+  params = simple_params()
+  params["attn"]["op"] = {"scale": jnp.ones(4)}  # a child with parameters of its own
+  with pytest.raises(ValueError, match="statistics at 'attn/op' have no matching attention"):
+    _update(sgd_clip(1.0), params, {"attn": {"op": {"max_logits": jnp.ones((2, 4))}}})
+  params = simple_params()
+  params["block"] = {"norm": {"scale": jnp.ones(4)}}  # nearest owner is no attention layer
+  with pytest.raises(ValueError, match="statistics at 'block/op' have no matching attention"):
+    _update(sgd_clip(1.0), params, {"attn": {"max_logits": jnp.ones(4)},
+                                    "block": {"op": {"max_logits": jnp.ones(4)}}})
+
+
+def test_own_and_child_statistics_are_max_reduced():
+  params = simple_params()
+  s1, s2 = jnp.array([5.0, 0.5, 2.0, 1.0]), jnp.array([[1.0, 0.5, 3.0, 0.2]] * 2)
+  _, state = _update(sgd_clip(1.0), params, {"attn": {"max_logits": s1,
+                                                      "op": {"max_logits": s2}}})
+  np.testing.assert_array_equal(state[-1].max_logits["attn"], [5.0, 0.5, 3.0, 1.0])
