@@ -437,7 +437,9 @@ def head_statistic(s: jax.Array, layer: Layer, where: str) -> jax.Array:
       f"qk_clip: statistics at {where} have shape {shape}, expected {want} for layout "
       f"{layer.layout.name!r} (statistics contract: [layers..., batch..., heads]: the "
       f"layer (scan) axes {lead} of the parameters first, as a scan stacks them, then "
-      f"any batch axes, which are max-reduced, then the {heads} query heads last)")
+      f"any batch axes, which are max-reduced, then the {heads} query heads last; "
+      f"parameters that keep their layer axis elsewhere than first, like MaxText's "
+      f"param_scan_axis=1, declare it with scan_axis= on their layout)")
 
 
 def _match_statistics(stats: dict[Path, jax.Array], layers: dict[Path, Layer], cut: int,

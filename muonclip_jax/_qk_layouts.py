@@ -107,6 +107,11 @@ class QKParam(NamedTuple):
     select: ``((axis, start, stop), ...)`` ranges of the view this entry
       covers (``stop=None``: to the end); entries outside are untouched.
     optional: skip silently when the parameter does not exist (biases).
+    scan_axis: where a scanned stack keeps its layer axis in the full
+      parameter (MaxText's ``param_scan_axis=1``: kernels ``(embed, layers,
+      heads, head_dim)``); ``None``: extra axes lead. A parameter of rank
+      ``ndim`` is one layer either way; with ``scan_axis`` set it may have one
+      extra axis, at that position. Statistics always put the layer axis first.
   """
 
   path: str
@@ -117,6 +122,7 @@ class QKParam(NamedTuple):
   split: tuple[int, tuple[int, ...]] | None = None
   select: tuple[tuple[int, int, int | None], ...] = ()
   optional: bool = False
+  scan_axis: int | None = None
 
 
 class QKLayout(NamedTuple):
@@ -139,6 +145,11 @@ class QKLayout(NamedTuple):
 # Constructors for common layouts.
 
 
+def _scanned(params: list[QKParam], scan_axis: int | None) -> tuple[QKParam, ...]:
+  """Every entry with the layer (scan) axis at ``scan_axis`` (``None``: leading)."""
+  return tuple(p._replace(scan_axis=scan_axis) for p in params)
+
+
 def _kernel_and_bias(module: str, role: Role, kernel: str, bias: str | None,
                      merged_heads: bool, heads: int | None) -> list[QKParam]:
   if merged_heads:
@@ -156,7 +167,8 @@ def _kernel_and_bias(module: str, role: Role, kernel: str, bias: str | None,
 
 def separate_qk(query: str = "query", key: str = "key", *, num_heads: int | None = None,
                 num_kv_heads: int | None = None, merged_heads: bool = False,
-                kernel: str = "kernel", bias: str | None = "bias") -> QKLayout:
+                kernel: str = "kernel", bias: str | None = "bias",
+                scan_axis: int | None = None) -> QKLayout:
   """Separate query and key projections, with optional biases.
 
   Args:
@@ -169,6 +181,8 @@ def separate_qk(query: str = "query", key: str = "key", *, num_heads: int | None
       ``(embed, heads, head_dim)`` ones (``DenseGeneral``/``LinearGeneral``).
     kernel: the kernel's name inside each module.
     bias: the bias's name (skipped when absent); ``None`` for no bias.
+    scan_axis: the position of the layer axis in scanned parameters when it is
+      not the first (MaxText's ``param_scan_axis=1``); ``None``: leading.
 
   Returns:
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
@@ -177,12 +191,13 @@ def separate_qk(query: str = "query", key: str = "key", *, num_heads: int | None
   kv = num_kv_heads if num_kv_heads is not None else num_heads
   params = (_kernel_and_bias(query, "query", kernel, bias, merged_heads, num_heads)
             + _kernel_and_bias(key, "key", kernel, bias, merged_heads, kv))
-  return QKLayout(tuple(params), num_heads, "separate_qk")
+  return QKLayout(_scanned(params, scan_axis), num_heads, "separate_qk")
 
 
 def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = None,
               order: Literal["blocks", "heads", "groups"] = "blocks",
-              kernel: str = "kernel", bias: str | None = "bias") -> QKLayout:
+              kernel: str = "kernel", bias: str | None = "bias",
+              scan_axis: int | None = None) -> QKLayout:
   """One fused QKV projection with a 2-D kernel ``(embed, (H + 2 H_kv) * head_dim)``.
 
   Args:
@@ -196,6 +211,8 @@ def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = N
       ``[q x (H/H_kv), k, v]`` (Megatron GQA).
     kernel: the kernel's name inside the module.
     bias: the bias's name (skipped when absent); ``None`` for no bias.
+    scan_axis: the position of the layer axis in scanned parameters when it is
+      not the first (MaxText's ``param_scan_axis=1``); ``None``: leading.
 
   Returns:
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
@@ -227,12 +244,12 @@ def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = N
                  QKParam(full, "key", nd, (-3,), None, split, ((-2, rep, rep + 1),), optional)]
     else:
       raise ValueError(f"order: expected 'blocks', 'heads' or 'groups', got {order!r}")
-  return QKLayout(tuple(params), num_heads, f"fused_qkv[{order}]")
+  return QKLayout(_scanned(params, scan_axis), num_heads, f"fused_qkv[{order}]")
 
 
 def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: int,
         qk_rope_head_dim: int, v_head_dim: int, merged_heads: bool = False,
-        kernel: str = "kernel") -> QKLayout:
+        kernel: str = "kernel", scan_axis: int | None = None) -> QKLayout:
   """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2).
 
   The query projection's per-head output is ``[q^C (nope) | q^R (rope)]``; the
@@ -250,6 +267,8 @@ def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: i
     merged_heads: 2-D kernels ``(in, heads * width)`` instead of 3-D
       ``(in, heads, width)``.
     kernel: the kernel's name inside each module.
+    scan_axis: the position of the layer axis in scanned parameters when it is
+      not the first (MaxText's ``param_scan_axis=1``); ``None``: leading.
 
   Returns:
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
@@ -263,17 +282,18 @@ def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: i
   else:
     q_split = kv_split = None
     nd = 3
-  return QKLayout((
+  return QKLayout(_scanned([
       QKParam(f"{q}/{kernel}", "query", nd, (-2,), None, q_split, ((-1, 0, nope),)),
       QKParam(f"{q}/{kernel}", "query_rope", nd, (-2,), None, q_split,
               ((-1, nope, nope + rope),)),
       QKParam(f"{kv}/{kernel}", "key", nd, (-2,), None, kv_split, ((-1, 0, nope),)),
-  ), num_heads, "mla")
+  ], scan_axis), num_heads, "mla")
 
 
 def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
             num_kv_heads: int | None = None, per_head: bool = False,
-            scale: str = "scale", bias: str | None = "bias") -> QKLayout:
+            scale: str = "scale", bias: str | None = "bias",
+            scan_axis: int | None = None) -> QKLayout:
   """QK-norm gains: the clip scales the norms' ``scale`` (and ``bias``) instead of kernels.
 
   Args:
@@ -285,6 +305,8 @@ def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
       gains ``(head_dim,)`` shared by all heads (per-layer clip, see module doc).
     scale: name of the gain parameter.
     bias: name of the norm's bias (LayerNorm with bias; skipped when absent).
+    scan_axis: the position of the layer axis in scanned parameters when it is
+      not the first (MaxText's ``param_scan_axis=1``); ``None``: leading.
 
   Returns:
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
@@ -299,7 +321,7 @@ def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
         params.append(QKParam(f"{module}/{name}", role, 2, (-2,), heads, optional=optional))
       else:
         params.append(QKParam(f"{module}/{name}", role, 1, (), optional=optional))
-  return QKLayout(tuple(params), num_heads, "qk_norm")
+  return QKLayout(_scanned(params, scan_axis), num_heads, "qk_norm")
 
 
 def flax_attention(*, normalize_qk: bool = False, num_heads: int | None = None) -> QKLayout:
@@ -333,6 +355,14 @@ def detect_flax_attention(module: Path, shapes: dict[Path, tuple[int, ...]]
   q, k, v, o = (get(n, "kernel") for n in ("query", "key", "value", "out"))
   if q is None or k is None or v is None or o is None or len(q) < 3 or len(o) < 3:
     return None
+  leads = {name: shape[:-3] for name, shape in zip(("query", "key", "value", "out"),
+                                                    (q, k, v, o))}
+  if len(set(leads.values())) > 1 or q[:-3] != k[:-3]:
+    raise ValueError(
+        f"qk_clip: the attention kernels at {'/'.join(module) or '<root>'!r} disagree on "
+        f"their leading (layer) axes {leads}: a scanned stack keeps its layer axis "
+        f"elsewhere than first (MaxText's param_scan_axis=1?). Declare it, e.g. "
+        f"layouts=muonclip_jax.separate_qk('query', 'key', scan_axis=1).")
   num_heads = q[-2]
   if get("query_ln", "scale") is not None and get("key_ln", "scale") is not None:
     return flax_attention(normalize_qk=True, num_heads=num_heads)
@@ -350,6 +380,7 @@ class Target(NamedTuple):
   spec: QKParam
   shape: tuple[int, ...]
   lead: tuple[int, ...]
+  layer_axis: int | None  # the scan axis's position in ``shape`` when not leading
   view: tuple[int, ...]
   head_axes: tuple[int, ...]       # non-negative axes of the view
   ranges: tuple[tuple[int, int], ...]  # per view axis [start, stop)
@@ -409,7 +440,17 @@ def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Targe
   if spec.ndim < 1 or spec.ndim > len(shape):
     raise ValueError(f"{where}: per-layer ndim {spec.ndim} does not fit the parameter")
   n_lead = len(shape) - spec.ndim
-  lead, per_layer = shape[:n_lead], shape[n_lead:]
+  layer_axis = None
+  if spec.scan_axis is not None and n_lead:
+    if n_lead != 1 or not -len(shape) <= spec.scan_axis < len(shape):
+      raise ValueError(f"{where}: scan_axis={spec.scan_axis} declares one layer axis, but "
+                       f"the parameter has {n_lead} axes beyond its per-layer rank "
+                       f"{spec.ndim}")
+    layer_axis = spec.scan_axis % len(shape)
+    lead = (shape[layer_axis],)
+    per_layer = shape[:layer_axis] + shape[layer_axis + 1:]
+  else:
+    lead, per_layer = shape[:n_lead], shape[n_lead:]
   view = _view(per_layer, spec.split, where)
   rank = len(view)
   ranges = [(0, s) for s in view]
@@ -438,7 +479,8 @@ def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Targe
   elif slots < 1 or extent % slots:
     raise ValueError(f"{where}: {extent} entries along the head axes do not split into "
                      f"{slots} heads")
-  return Target(param, spec, shape, lead, view, tuple(head_axes), tuple(ranges), slots)
+  return Target(param, spec, shape, lead, layer_axis, view, tuple(head_axes), tuple(ranges),
+                slots)
 
 
 def resolve_layout(layout: QKLayout, module: Path,
@@ -540,4 +582,9 @@ def factor_array(target: Target, factors: jax.Array) -> jax.Array:
       ok = ok.reshape(tuple(view[a] if b == a else 1 for b in range(len(view))))
       sel = ok if sel is None else sel & ok
     f = jnp.where(sel, f, 1.0)
-  return jnp.broadcast_to(f, lead + view).reshape(target.shape)
+  f = jnp.broadcast_to(f, lead + view)
+  if target.layer_axis is None:
+    return f.reshape(target.shape)
+  a = target.layer_axis
+  f = f.reshape(lead + target.shape[:a] + target.shape[a + 1:])
+  return jnp.moveaxis(f, 0, a)

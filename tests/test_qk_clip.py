@@ -1056,3 +1056,71 @@ def test_own_and_child_statistics_are_max_reduced():
   _, state = _update(sgd_clip(1.0), params, {"attn": {"max_logits": s1,
                                                       "op": {"max_logits": s2}}})
   np.testing.assert_array_equal(state[-1].max_logits["attn"], [5.0, 0.5, 3.0, 1.0])
+
+
+L_SCAN = 3
+
+
+def scanned_params(scan_axis: int, seed: int = 5, heads: int = 4, kv: int = 2, dim: int = 4):
+  """MaxText-like scanned attention: kernels with the layer axis at ``scan_axis``."""
+  rng = np.random.default_rng(seed)
+  mk = lambda *shape: np.asarray(rng.standard_normal(shape) * 0.5, np.float32)
+  per_layer = {"query": mk(L_SCAN, E, heads, dim), "key": mk(L_SCAN, E, kv, dim),
+               "value": mk(L_SCAN, E, kv, dim), "out": mk(L_SCAN, heads, dim, E)}
+  attn = {n: {"kernel": jnp.asarray(np.moveaxis(w, 0, scan_axis))} for n, w in per_layer.items()}
+  return {"decoder": {"layers": {"self_attention": attn}}}
+
+
+def scanned_stats(params, scan_axis: int, x):
+  """What a scan over the layers sows: ``[layers, batch, heads]`` (layer axis first)."""
+  attn = params["decoder"]["layers"]["self_attention"]
+  wq, wk = (jnp.moveaxis(attn[n]["kernel"], scan_axis, 0) for n in ("query", "key"))
+
+  def body(_, w):
+    q = jnp.einsum("bte,ehd->bthd", x, w[0])
+    k = jnp.einsum("bte,ehd->bthd", x, w[1])
+    logits = jnp.where(causal(), qk_logits(q, k), -jnp.inf)
+    return None, jnp.max(logits, axis=(-2, -1))
+  _, s = jax.lax.scan(body, None, (wq, wk))
+  return {"decoder": {"layers": {"self_attention": {"attention_op": {"max_logits": s}}}}}
+
+
+@pytest.mark.parametrize("scan_axis", [0, 1])
+def test_scan_axis_anywhere_with_batch_statistic(scan_axis):
+  params = scanned_params(scan_axis)
+  x = x_input(6)
+  stats = scanned_stats(params, scan_axis, x)
+  assert stats_of(stats)[("decoder", "layers", "self_attention", "attention_op")].shape \
+      == (L_SCAN, B, 4)
+  attn = lambda p: p["decoder"]["layers"]["self_attention"]
+  layer = lambda p, n, i: np.take(np.asarray(attn(p)[n]["kernel"]), i, axis=scan_axis)
+  before = np.stack([brute_head_max(layer(params, "query", i), layer(params, "key", i), x)
+                     for i in range(L_SCAN)])
+  tau = float(np.median(before))
+  layout = mc.separate_qk("query", "key", scan_axis=scan_axis)
+  new, state = _sgd0_clip(params, stats, tau, layouts=layout)
+  after = np.stack([brute_head_max(layer(new, "query", i), layer(new, "key", i), x)
+                    for i in range(L_SCAN)])
+  hot = check_clip_against_brute(before, after, tau)
+  assert int(state.num_clipped) == int(hot.sum())
+  for n in ("query", "key"):  # GQA, gqa_sharing="query": the shared keys are untouched
+    changed = hot if n == "query" else np.zeros((L_SCAN, 2), bool)
+    check_heads(params, new, ("decoder", "layers", "self_attention", n, "kernel"),
+                lambda a: per_head(np.moveaxis(a, scan_axis, 0), -2, n_lead=1), changed)
+  check_others_bitwise(params, new, {("decoder", "layers", "self_attention", "query",
+                                      "kernel")})
+
+
+def test_undeclared_scan_axis_is_refused_not_guessed():
+  params = scanned_params(1)
+  stats = scanned_stats(params, 1, x_input(6))
+  with pytest.raises(ValueError, match=r"disagree on their leading \(layer\) axes.*scan_axis=1"):
+    _update(sgd_clip(1.0), params, stats)
+  # A layout that reads the layer axis as leading: the statistic's layer axes don't fit.
+  with pytest.raises(ValueError, match=r"\[layers..., batch..., heads\].*scan_axis="):
+    _update(sgd_clip(1.0, layouts=mc.separate_qk("query", "key"), auto_detect=False),
+            params, stats)
+  with pytest.raises(ValueError, match=r"scan_axis=1 declares one layer axis"):
+    bad = {"attn": {"query": {"kernel": jnp.ones((2, 3, E, 4, 4))},
+                    "key": {"kernel": jnp.ones((2, 3, E, 4, 4))}}}
+    sgd_clip(1.0, layouts=mc.separate_qk("query", "key", scan_axis=1)).init(bad)
