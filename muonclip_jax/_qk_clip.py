@@ -511,9 +511,25 @@ def _clip_factors(stats: dict[Path, jax.Array], layers: dict[Path, Layer], acc: 
   return factors, num_clipped, num_skipped
 
 
+def _offsets(layers: Mapping[Path, Layer]) -> dict[Path, float]:
+  """Per parameter, the offset of its gain form (``1 + scale``: 1); 0 for plain factors."""
+  out: dict[Path, float] = {}
+  for layer in layers.values():
+    for t in layer.targets:
+      if out.setdefault(t.param, t.spec.offset) != t.spec.offset:
+        raise ValueError(f"qk_clip: layout {layer.layout.name!r} gives "
+                         f"{show_path(t.param)!r} two gain offsets, {out[t.param]} and "
+                         f"{t.spec.offset}")
+  return out
+
+
 def _rescale_updates(updates: Any, params: Any, factors: dict[Path, jax.Array],
-                     cut: int) -> Any:
-  """Step 4: updates that land each clipped weight on ``factor * (W + u)``."""
+                     offsets: Mapping[Path, float], cut: int) -> Any:
+  """Step 4: updates that land each clipped weight on ``factor * (W + u)``.
+
+  A gain stored with an offset ``c`` (it acts as ``W + c``) lands on
+  ``factor * (W + u + c) - c``.
+  """
   u_leaves, treedef = leaves_with_paths(updates)
   p_by_path = {p[cut:]: leaf for p, leaf in leaves_with_paths(params)[0]}
   out = []
@@ -523,7 +539,11 @@ def _rescale_updates(updates: Any, params: Any, factors: dict[Path, jax.Array],
       out.append(u)
       continue
     p = jnp.asarray(p_by_path[path[cut:]], jnp.float32)
-    clipped = (p + u.astype(jnp.float32)) * f - p
+    c = offsets.get(path[cut:], 0.0)
+    if c:
+      clipped = (p + u.astype(jnp.float32) + c) * f - c - p
+    else:
+      clipped = (p + u.astype(jnp.float32)) * f - p
     out.append(jnp.where(f != 1.0, clipped.astype(u.dtype), u))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -689,7 +709,7 @@ def qk_clip(
     acc = _accumulate(stats, state, schedule)
     factors, num_clipped, num_skipped = _clip_factors(
         stats, layers, acc, jnp.asarray(tau, jnp.float32), gqa_sharing, gqa_alpha)
-    new_updates = _rescale_updates(updates, params, factors, cut)
+    new_updates = _rescale_updates(updates, params, factors, _offsets(layers), cut)
     return new_updates, _next_state(state, acc, num_clipped, num_skipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -63,7 +63,8 @@ Examples (paths are relative to the module that called ``sow``)::
   fused_qkv("qkv", num_heads=32, num_kv_heads=8, order="groups")  # Megatron
   mla("wq_b", "wkv_b", num_heads=16, qk_nope_head_dim=128,
       qk_rope_head_dim=64, v_head_dim=128)
-  qk_norm("q_norm", "k_norm", num_heads=8)              # shared gains (D,)
+  qk_norm("q_norm", "k_norm", num_heads=8, gain="scale")  # shared gains (D,)
+  qk_norm("_query_norm", "_key_norm", num_heads=8, gain="one_plus")  # Gemma 3
 """
 
 from __future__ import annotations
@@ -112,6 +113,9 @@ class QKParam(NamedTuple):
       heads, head_dim)``); ``None``: extra axes lead. A parameter of rank
       ``ndim`` is one layer either way; with ``scan_axis`` set it may have one
       extra axis, at that position. Statistics always put the layer axis first.
+    offset: the parameter acts as ``p + offset`` (a norm gain ``1 + scale``,
+      Gemma's RMSNorm: ``offset=1``); the clip by ``f`` then sets
+      ``p' = f (p + offset) - offset`` so that the gain, not ``p``, scales by ``f``.
   """
 
   path: str
@@ -123,6 +127,7 @@ class QKParam(NamedTuple):
   select: tuple[tuple[int, int, int | None], ...] = ()
   optional: bool = False
   scan_axis: int | None = None
+  offset: float = 0.0
 
 
 class QKLayout(NamedTuple):
@@ -290,16 +295,34 @@ def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: i
   ], scan_axis), num_heads, "mla")
 
 
+GAIN_FORMS = {"scale": 0.0, "one_plus": 1.0}
+
+
 def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
+            gain: Literal["scale", "one_plus"] | float | None = None,
             num_kv_heads: int | None = None, per_head: bool = False,
             scale: str = "scale", bias: str | None = "bias",
             scan_axis: int | None = None) -> QKLayout:
-  """QK-norm gains: the clip scales the norms' ``scale`` (and ``bias``) instead of kernels.
+  """QK-norm gains: the clip scales the norms' gains (and biases) instead of kernels.
+
+  A norm after the projection cancels any scaling of ``W_q``, ``W_k``; what
+  scales the logit is the norm's *gain* ``g``, which a model stores either as
+  ``g = scale`` or as ``g = 1 + scale`` with ``scale`` initialised at 0 (Gemma
+  2/3's RMSNorm). The clip by ``f`` makes ``g' = f g``: ``scale' = f scale`` for
+  the first form, ``scale' = f (1 + scale) - 1`` for the second. The two cannot
+  be told apart from the parameters, so ``gain`` must be declared: scaling
+  ``scale`` of a ``1 + scale`` norm would leave the logit as it was while the
+  telemetry counts the head clipped.
 
   Args:
     query: path of the query norm module.
     key: path of the key norm module.
     num_heads: query heads.
+    gain: how the norm applies ``scale`` (required): ``"scale"`` for
+      ``x_hat * scale`` (Flax's ``LayerNorm``/``RMSNorm``, Equinox, MaxText's
+      ``RMSNorm`` with ``scale_offset=0``), ``"one_plus"`` for
+      ``x_hat * (1 + scale)`` (Gemma 2/3), or a number ``c`` for
+      ``x_hat * (scale + c)`` (MaxText's ``scale_offset=c``).
     num_kv_heads: key heads for per-head gains under GQA (default ``num_heads``).
     per_head: ``True`` for gains of shape ``(heads, head_dim)``, ``False`` for
       gains ``(head_dim,)`` shared by all heads (per-layer clip, see module doc).
@@ -312,16 +335,38 @@ def qk_norm(query: str = "query_norm", key: str = "key_norm", *, num_heads: int,
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
     the module that sows ``max_logits``).
   """
+  offset = _gain_offset(gain)
   kv = num_kv_heads if num_kv_heads is not None else num_heads
   params = []
   for module, role, heads in ((query, "query", num_heads), (key, "key", kv)):
-    names = [(scale, False)] + ([(bias, True)] if bias else [])
-    for name, optional in names:
+    names = [(scale, False, offset)] + ([(bias, True, 0.0)] if bias else [])
+    for name, optional, off in names:
       if per_head:
-        params.append(QKParam(f"{module}/{name}", role, 2, (-2,), heads, optional=optional))
+        params.append(QKParam(f"{module}/{name}", role, 2, (-2,), heads, optional=optional,
+                              offset=off))
       else:
-        params.append(QKParam(f"{module}/{name}", role, 1, (), optional=optional))
+        params.append(QKParam(f"{module}/{name}", role, 1, (), optional=optional,
+                              offset=off))
   return QKLayout(_scanned(params, scan_axis), num_heads, "qk_norm")
+
+
+def _gain_offset(gain: str | float | None) -> float:
+  if gain is None:
+    raise ValueError(
+        "qk_norm: declare how the norm applies its gain: gain='scale' for x_hat * scale "
+        "(Flax LayerNorm/RMSNorm, Equinox, MaxText RMSNorm), gain='one_plus' for "
+        "x_hat * (1 + scale) with scale initialised at 0 (Gemma 2/3's RMSNorm), or a "
+        "number c for x_hat * (scale + c) (MaxText scale_offset=c). The parameters cannot "
+        "tell them apart, and scaling scale of a (1 + scale) norm does not lower the logit.")
+  if isinstance(gain, str):
+    if gain not in GAIN_FORMS:
+      raise ValueError(f"qk_norm: gain must be one of {tuple(GAIN_FORMS)} or a number, got "
+                       f"{gain!r}")
+    return GAIN_FORMS[gain]
+  if isinstance(gain, bool) or not isinstance(gain, (int, float)) or not math.isfinite(gain):
+    raise ValueError(f"qk_norm: gain must be one of {tuple(GAIN_FORMS)} or a finite number, "
+                     f"got {gain!r}")
+  return float(gain)
 
 
 def flax_attention(*, normalize_qk: bool = False, num_heads: int | None = None) -> QKLayout:
@@ -340,7 +385,7 @@ def flax_attention(*, normalize_qk: bool = False, num_heads: int | None = None) 
   if normalize_qk:
     if num_heads is None:
       raise ValueError("flax_attention(normalize_qk=True) needs num_heads")
-    layout = qk_norm("query_ln", "key_ln", num_heads=num_heads)
+    layout = qk_norm("query_ln", "key_ln", num_heads=num_heads, gain="scale")
   else:
     layout = separate_qk("query", "key", num_heads=num_heads)
   return layout._replace(name="flax_attention" + ("[normalize_qk]" if normalize_qk else ""))

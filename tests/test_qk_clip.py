@@ -458,7 +458,8 @@ def test_qk_norm_gains(per_head):
   kv = 2 if per_head else 4
   params, stats_fn = linen_case(Parallel(lambda name: NormAttn(4, kv, per_head=per_head,
                                                                name=name)), seed=13)
-  layout = mc.qk_norm("q_norm", "k_norm", num_heads=4, num_kv_heads=kv, per_head=per_head)
+  layout = mc.qk_norm("q_norm", "k_norm", num_heads=4, num_kv_heads=kv, per_head=per_head,
+                      gain="scale")
   mode = "query" if per_head else "shared"
   new, stats, tau = run_case(params, stats_fn, mode, kv=kv, layouts=layout)
   for layer in ("attn0", "attn1"):
@@ -1124,3 +1125,69 @@ def test_undeclared_scan_axis_is_refused_not_guessed():
     bad = {"attn": {"query": {"kernel": jnp.ones((2, 3, E, 4, 4))},
                     "key": {"kernel": jnp.ones((2, 3, E, 4, 4))}}}
     sgd_clip(1.0, layouts=mc.separate_qk("query", "key", scan_axis=1)).init(bad)
+
+
+# --------------------------------------------------------------------------
+# QK-norm gains stored as (1 + scale) (Gemma 2/3 RMSNorm, scale initialised at 0).
+
+
+def _rms_one_plus(x, scale, eps=1e-6):
+  x = np.asarray(x, np.float64)
+  return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps) * (1 + np.asarray(
+      scale, np.float64))
+
+
+def brute_norm_head_max(p, x) -> np.ndarray:
+  """Gemma's attention logits: RMSNorm(q) . RMSNorm(k) / sqrt(d), gains ``1 + scale``."""
+  x = np.asarray(x, np.float64)
+  q = _rms_one_plus(np.einsum("bte,ehd->bthd", x, np.asarray(p["q"]["kernel"], np.float64)),
+                    p["query_norm"]["scale"])
+  k = _rms_one_plus(np.einsum("bte,ehd->bthd", x, np.asarray(p["k"]["kernel"], np.float64)),
+                    p["key_norm"]["scale"])
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  return np.where(np.asarray(causal()), logits, -np.inf).max(axis=(0, 2, 3))
+
+
+def one_plus_params(per_head: bool, seed: int = 8, heads: int = 4, dim: int = 8):
+  rng = np.random.default_rng(seed)
+  g = (heads, dim) if per_head else (dim,)
+  # scale near its zero initialisation, gains 1 + scale around 2-3: logits of order 5-10
+  mk = lambda *s, sd=1.0, mean=0.0: jnp.asarray(mean + sd * rng.standard_normal(s), jnp.float32)
+  return {"attn": {"q": {"kernel": mk(E, heads, dim)}, "k": {"kernel": mk(E, heads, dim)},
+                   "query_norm": {"scale": mk(*g, sd=0.3, mean=1.5)},
+                   "key_norm": {"scale": mk(*g, sd=0.3, mean=1.5)}}}
+
+
+@pytest.mark.parametrize("per_head", [True, False])
+def test_qk_norm_one_plus_gain_lowers_the_logit(per_head):
+  params = one_plus_params(per_head)
+  x = x_input(9)
+  before = brute_norm_head_max(params["attn"], x)
+  tau = float(np.median(before))
+  layout = mc.qk_norm("query_norm", "key_norm", num_heads=4, per_head=per_head,
+                      gain="one_plus", bias=None)
+  stats = {"attn": {"max_logits": jnp.asarray(before, jnp.float32)}}
+  new, state = _sgd0_clip(params, stats, tau, layouts={"attn": layout}, auto_detect=False)
+  after = brute_norm_head_max(new["attn"], x)
+  if per_head:
+    hot = check_clip_against_brute(before, after, tau)
+    for n in ("query_norm", "key_norm"):
+      check_heads(params, new, ("attn", n, "scale"), lambda a: a, hot)
+  else:  # shared gains: the layer's smallest gamma on every head, the hottest lands on tau
+    hot = before > tau
+    np.testing.assert_allclose(after, before * tau / before.max(), rtol=1e-5)
+  assert int(state.num_clipped) == int(hot.sum())
+  check_others_bitwise(params, new, {("attn", n, "scale") for n in ("query_norm", "key_norm")})
+  # The undeclared-form trap, for the record: read as x * scale, the clip scales scale
+  # and the (1 + scale) gain does not fall as far: the hottest head misses tau.
+  wrong, _ = _sgd0_clip(params, stats, tau, auto_detect=False, layouts={"attn": mc.qk_norm(
+      "query_norm", "key_norm", num_heads=4, per_head=per_head, gain="scale", bias=None)})
+  assert brute_norm_head_max(wrong["attn"], x).max() > tau * (1 + 1e-2)
+
+
+def test_qk_norm_gain_must_be_declared():
+  with pytest.raises(ValueError, match=r"declare how the norm applies its gain.*one_plus"):
+    mc.qk_norm("q_norm", "k_norm", num_heads=4)
+  with pytest.raises(ValueError, match="gain must be one of"):
+    mc.qk_norm("q_norm", "k_norm", num_heads=4, gain="1+scale")
+  assert mc.qk_norm("q", "k", num_heads=2, gain=0.5).params[0].offset == 0.5
