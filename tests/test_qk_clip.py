@@ -1191,3 +1191,166 @@ def test_qk_norm_gain_must_be_declared():
   with pytest.raises(ValueError, match="gain must be one of"):
     mc.qk_norm("q_norm", "k_norm", num_heads=4, gain="1+scale")
   assert mc.qk_norm("q", "k", num_heads=2, gain=0.5).params[0].offset == 0.5
+
+
+# --------------------------------------------------------------------------
+# Orientation declared or refused; Gemma's stacked einsum kernels.
+
+
+def brute_from_qk(q, k) -> np.ndarray:
+  """float64 per-head causal max of ``q . k / sqrt(d)``; q ``(B, T, H, D)``, k ``(B, S, K, D)``."""
+  q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+  k = np.repeat(k, q.shape[-2] // k.shape[-2], axis=-2)
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
+  return np.where(np.asarray(causal()), logits, -np.inf).max(axis=(0, 2, 3))
+
+
+def _clip_with(params, layout, before, tau, **kw):
+  stats = {"attn": {"max_logits": jnp.asarray(before, jnp.float32)}}
+  return _sgd0_clip(params, stats, tau, layouts={"attn": layout}, auto_detect=False, **kw)
+
+
+def test_out_in_weights_equinox_style_clip_the_output_side():
+  """``eqx.nn.Linear``: ``weight (out, in)``, ``y = W x + b``; square, 4 heads merged."""
+  rng = np.random.default_rng(11)
+  h = 4
+  mk = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
+  params = {"attn": {n: {"weight": mk(E, E), "bias": mk(E)} for n in
+                     ("query_proj", "key_proj", "value_proj")}}
+  x = np.asarray(x_input(12), np.float64)
+
+  def brute(p):
+    proj = lambda n: (np.einsum("bte,oe->bto", x, np.asarray(p["attn"][n]["weight"], np.float64))
+                      + np.asarray(p["attn"][n]["bias"], np.float64)).reshape(B, L, h, -1)
+    return brute_from_qk(proj("query_proj"), proj("key_proj"))
+  before = brute(params)
+  tau = float(np.median(before))
+  with pytest.raises(ValueError, match=r"orientation of 'weight' weights.*weight_layout='out_in'"):
+    mc.separate_qk("query_proj", "key_proj", num_heads=h, merged_heads=True, kernel="weight")
+  layout = mc.separate_qk("query_proj", "key_proj", num_heads=h, merged_heads=True,
+                          kernel="weight", weight_layout="out_in")
+  new, state = _clip_with(params, layout, before, tau)
+  hot = check_clip_against_brute(before, brute(new), tau)
+  assert int(state.num_clipped) == int(hot.sum())
+  for n in ("query_proj", "key_proj"):  # rows (outputs) of a cool head: bit for bit
+    check_heads(params, new, ("attn", n, "weight"), lambda a: a.reshape(h, -1), hot)
+    check_heads(params, new, ("attn", n, "bias"), lambda a: a.reshape(h, -1), hot)
+  check_others_bitwise(params, new, {("attn", n, m) for n in ("query_proj", "key_proj")
+                                     for m in ("weight", "bias")})
+
+
+def test_out_in_layouts_are_the_transpose_of_in_out():
+  """Every layout read ``out_in`` clips the transposed entries of its ``in_out`` reading."""
+  rng = np.random.default_rng(13)
+  h, kv, d = 4, 2, 3
+  s = jnp.array([3.0, 0.5, 1.5, 4.0])
+  w = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+  t2 = lambda a: np.swapaxes(np.asarray(a), -1, -2)
+  t3 = lambda a: np.moveaxis(np.asarray(a), 0, -1)   # (in, H, D) -> (H, D, in)
+  cases = [  # (params, in_out layout, out_in layout, to out_in)
+      ({"wq": {"w": w(E, h * d)}, "wk": {"w": w(E, kv * d)}},
+       mc.separate_qk("wq", "wk", num_heads=h, num_kv_heads=kv, merged_heads=True, kernel="w",
+                      weight_layout="in_out"),
+       mc.separate_qk("wq", "wk", num_heads=h, num_kv_heads=kv, merged_heads=True, kernel="w",
+                      weight_layout="out_in"), t2),
+      ({"wq": {"w": w(E, h, d)}, "wk": {"w": w(E, kv, d)}},
+       mc.separate_qk("wq", "wk", kernel="w", weight_layout="in_out"),
+       mc.separate_qk("wq", "wk", kernel="w", weight_layout="out_in"), t3),
+      ({"qkv": {"w": w(E, (h + 2 * kv) * d)}},
+       mc.fused_qkv("qkv", num_heads=h, num_kv_heads=kv, kernel="w", weight_layout="in_out"),
+       mc.fused_qkv("qkv", num_heads=h, num_kv_heads=kv, kernel="w", weight_layout="out_in"),
+       t2),
+      ({"qkv": {"w": w(E, (h + 2 * kv) * d)}},
+       mc.fused_qkv("qkv", num_heads=h, num_kv_heads=kv, order="groups", kernel="w",
+                    weight_layout="in_out"),
+       mc.fused_qkv("qkv", num_heads=h, num_kv_heads=kv, order="groups", kernel="w",
+                    weight_layout="out_in"), t2),
+      ({"wq": {"w": w(E, h, 5)}, "wkv_b": {"w": w(6, h, 7)}},
+       mc.mla("wq", num_heads=h, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4,
+              kernel="w", weight_layout="in_out"),
+       mc.mla("wq", num_heads=h, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4,
+              kernel="w", weight_layout="out_in"), t3),
+      ({"wq": {"w": w(E, h * 5)}, "wkv_b": {"w": w(6, h * 7)}},
+       mc.mla("wq", num_heads=h, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4,
+              merged_heads=True, kernel="w", weight_layout="in_out"),
+       mc.mla("wq", num_heads=h, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4,
+              merged_heads=True, kernel="w", weight_layout="out_in"), t2),
+  ]
+  # All cases in one tree (one update each way): module c{i} holds case i.
+  def clip_all(trees, layouts):
+    tx = optax.chain(optax.sgd(0.0), mc.qk_clip(1.0, layouts=layouts, auto_detect=False))
+    params = {f"c{i}": t for i, t in enumerate(trees)}
+    stats = {f"c{i}": {"max_logits": s} for i in range(len(trees))}
+    upd, _ = jax.jit(tx.update)(jax.tree.map(jnp.zeros_like, params), tx.init(params), params,
+                                max_logits=stats)
+    return optax.apply_updates(params, upd)
+  ref = clip_all([c[0] for c in cases], {f"c{i}": c[1] for i, c in enumerate(cases)})
+  flipped = [{m: {"w": jnp.asarray(c[3](v["w"]))} for m, v in c[0].items()} for c in cases]
+  out = clip_all(flipped, {f"c{i}": c[2] for i, c in enumerate(cases)})
+  for i, (params, _, layout, flip) in enumerate(cases):
+    changed = False
+    for m in params:
+      np.testing.assert_array_equal(out[f"c{i}"][m]["w"], flip(ref[f"c{i}"][m]["w"]),
+                                    err_msg=layout.name)
+      changed |= not np.array_equal(ref[f"c{i}"][m]["w"], params[m]["w"])
+    assert changed, layout.name
+  for fn in (lambda: mc.fused_qkv("qkv", num_heads=4, kernel="weight"),
+             lambda: mc.mla(num_heads=4, qk_nope_head_dim=3, qk_rope_head_dim=2, v_head_dim=4,
+                            kernel="weight")):
+    with pytest.raises(ValueError, match="weight_layout="):
+      fn()
+
+
+def gemma_params(num_heads: int, num_kv_heads: int, seed: int = 14, dim: int = 4):
+  """Gemma's attention parameter tree (gemma 3.3.0, gemma/gm/nn/_modules.py, Attention)."""
+  rng = np.random.default_rng(seed)
+  mk = lambda *s: jnp.asarray(rng.standard_normal(s) * 0.5, jnp.float32)
+  attn = {"attn_vec_einsum": {"w": mk(num_heads, dim, E)}}
+  if num_kv_heads == num_heads:
+    attn["qkv_einsum"] = {"w": mk(3, num_heads, E, dim)}
+  else:
+    attn["q_einsum"] = {"w": mk(num_heads, E, dim)}
+    attn["kv_einsum"] = {"w": mk(2, num_kv_heads, E, dim)}
+  return {"attn": attn}
+
+
+def gemma_qk(attn, x):
+  """Gemma's projections: ``'BTD,SNDH->SBTNH'`` or ``'BTD,NDH->BTNH'`` and ``'BSD,CKDH->CBSKH'``."""
+  x = np.asarray(x, np.float64)
+  f = lambda n: np.asarray(attn[n]["w"], np.float64)
+  if "qkv_einsum" in attn:
+    q, k, _ = np.einsum("BTD,SNDH->SBTNH", x, f("qkv_einsum"))
+  else:
+    q = np.einsum("BTD,NDH->BTNH", x, f("q_einsum"))
+    k, _ = np.einsum("BSD,CKDH->CBSKH", x, f("kv_einsum"))
+  return q, k
+
+
+@pytest.mark.parametrize("kv", [4, 2, 1])
+def test_gemma_einsum_layouts_without_a_custom_layout(kv):
+  h = 4
+  params = gemma_params(h, kv)
+  x = x_input(15)
+  before = brute_from_qk(*gemma_qk(params["attn"], x))
+  tau = float(np.median(before))
+  if kv == h:
+    layout = mc.separate_qk("qkv_einsum", "qkv_einsum", kernel="w", head_axis=0,
+                            query_stack=(0, 0), key_stack=(0, 1), bias=None)
+    q_path, k_path = ("attn", "qkv_einsum", "w"), ("attn", "qkv_einsum", "w")
+  else:
+    layout = mc.separate_qk("q_einsum", "kv_einsum", num_heads=h, num_kv_heads=kv, kernel="w",
+                            head_axis=0, key_stack=(0, 0), bias=None)
+    q_path, k_path = ("attn", "q_einsum", "w"), ("attn", "kv_einsum", "w")
+  new, state = _clip_with(params, layout, before, tau)
+  hot = check_clip_against_brute(before, brute_from_qk(*gemma_qk(new["attn"], x)), tau)
+  assert int(state.num_clipped) == int(hot.sum())
+  old, cur = flat(params), flat(new)
+  if kv == h:  # stack index 0 (q) and 1 (k) per head: touched iff hot; values (2) untouched
+    for i in (0, 1):
+      np.testing.assert_array_equal(
+          np.all(old[q_path][i] == cur[q_path][i], axis=(1, 2)), ~hot)
+    np.testing.assert_array_equal(old[q_path][2], cur[q_path][2])
+  else:  # gqa_sharing="query": the query heads carry gamma; keys and values untouched
+    np.testing.assert_array_equal(np.all(old[q_path] == cur[q_path], axis=(1, 2)), ~hot)
+    np.testing.assert_array_equal(old[k_path], cur[k_path])
+  check_others_bitwise(params, new, {q_path, k_path})
