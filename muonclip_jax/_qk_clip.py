@@ -595,8 +595,12 @@ def qk_clip(
 
   ``stats`` is what Flax returns: linen's ``'intermediates'`` collection (from
   ``mutable=['intermediates']``) or NNX's ``State`` of ``nnx.Intermediate``
-  (``nnx.capture`` / ``nnx.pop``); each ``max_logits`` entry is matched to the
-  attention parameters at the same module path.
+  (``nnx.capture`` / ``nnx.pop``), or a plain dict built by hand-written code;
+  each ``max_logits`` entry is matched to the attention parameters at the same
+  module path, or, when sown on a module that holds no parameters (MaxText's
+  ``attention_op``), at its nearest ancestor that holds parameters. Its shape is
+  ``[layers..., batch..., heads]``: the layer (scan) axes of the parameters
+  first, then any batch axes (max-reduced), then the query heads.
 
   Args:
     tau: the logit bound (K2: 100; 30 in their small ablation). Must be

@@ -43,6 +43,17 @@ How ``gamma`` is shared. Let ``n_k`` be the key slots and ``n_q`` the query slot
 * no key entries: query entries get ``gamma``; no query entries: key entries
   get ``gamma``.
 
+Declared, never guessed. What the shapes cannot tell is declared or refused:
+
+* orientation: Flax's ``kernel`` is ``(in, out)``; any other name (PyTorch and
+  Equinox ``weight`` are ``(out, in)``) needs ``weight_layout=`` (or, for 3-D
+  per-head kernels, ``head_axis=``);
+* a layer axis that is not the first (MaxText's ``param_scan_axis=1``):
+  ``scan_axis=``; statistics keep their layer axis first;
+* a norm gain stored as ``1 + scale`` (Gemma): ``qk_norm(gain="one_plus")``;
+* projections stacked on one axis (Gemma's ``kv_einsum`` ``(2, K, D, H)``):
+  ``query_stack=``/``key_stack=`` ``(axis, index)``.
+
 QK-norm: ``RMSNorm``/``LayerNorm`` on ``q`` and ``k`` after the projection
 cancels any scaling of ``W_q``, ``W_k``, so the clip acts on the norm gains.
 Gains shared by all heads (Flax's ``normalize_qk``: shape ``(head_dim,)``)
