@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import chex
 import jax
@@ -1354,3 +1355,23 @@ def test_gemma_einsum_layouts_without_a_custom_layout(kv):
     np.testing.assert_array_equal(np.all(old[q_path] == cur[q_path], axis=(1, 2)), ~hot)
     np.testing.assert_array_equal(old[k_path], cur[k_path])
   check_others_bitwise(params, new, {q_path, k_path})
+
+
+def test_projection_clip_beside_a_qk_norm_warns():
+  """Gemma 3: clipping q_einsum/kv_einsum while _query_norm/_key_norm follow changes nothing."""
+  params = gemma_params(4, 2)
+  params["attn"]["_query_norm"] = {"scale": jnp.zeros(4)}
+  params["attn"]["_key_norm"] = {"scale": jnp.zeros(4)}
+  kernels = mc.separate_qk("q_einsum", "kv_einsum", num_heads=4, num_kv_heads=2, kernel="w",
+                           head_axis=0, key_stack=(0, 0), bias=None)
+  with pytest.warns(UserWarning, match=r"\{'attn': \['_key_norm', '_query_norm'\]\}.*qk_norm"):
+    sgd_clip(1.0, layouts=kernels).init(params)
+  norms = mc.qk_norm("_query_norm", "_key_norm", num_heads=4, num_kv_heads=2, gain="one_plus",
+                     bias=None)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    sgd_clip(1.0, layouts=norms).init(params)
+    mla = {"attn": {"q_norm": {"scale": jnp.ones(6)}, "wq_b": {"kernel": jnp.ones((6, 4, 5))},
+                    "kv_norm": {"scale": jnp.ones(6)}, "wkv_b": {"kernel": jnp.ones((6, 4, 7))}}}
+    sgd_clip(1.0, layouts=mc.mla("wq_b", num_heads=4, qk_nope_head_dim=3, qk_rope_head_dim=2,
+                                 v_head_dim=4)).init(mla)  # latent norms: no warning
