@@ -1375,3 +1375,21 @@ def test_projection_clip_beside_a_qk_norm_warns():
                     "kv_norm": {"scale": jnp.ones(6)}, "wkv_b": {"kernel": jnp.ones((6, 4, 7))}}}
     sgd_clip(1.0, layouts=mc.mla("wq_b", num_heads=4, qk_nope_head_dim=3, qk_rope_head_dim=2,
                                  v_head_dim=4)).init(mla)  # latent norms: no warning
+
+
+def test_gemma_kv_stack_clips_keys_never_values():
+  """``gqa_sharing="split"`` touches the shared keys: index 0 of kv_einsum, never index 1."""
+  h, kv = 4, 2
+  params = gemma_params(h, kv, seed=16)
+  x = x_input(17)
+  before = brute_from_qk(*gemma_qk(params["attn"], x))
+  tau = float(np.median(before))
+  layout = mc.separate_qk("q_einsum", "kv_einsum", num_heads=h, num_kv_heads=kv, kernel="w",
+                          head_axis=0, key_stack=(0, 0), bias=None)
+  new, _ = _clip_with(params, layout, before, tau, gqa_sharing="split")
+  after = brute_from_qk(*gemma_qk(new["attn"], x))
+  np.testing.assert_allclose(after, predicted(before, tau, "split", kv), rtol=1e-5)
+  old, cur = flat(params)[("attn", "kv_einsum", "w")], flat(new)[("attn", "kv_einsum", "w")]
+  np.testing.assert_array_equal(old[1], cur[1])  # values
+  k_hot = group_min(gammas(before, tau), kv)[::h // kv] < 1
+  np.testing.assert_array_equal(np.all(old[0] == cur[0], axis=(1, 2)), ~k_hot)
