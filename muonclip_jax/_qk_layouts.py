@@ -638,7 +638,17 @@ def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Targe
     per_layer = shape[:layer_axis] + shape[layer_axis + 1:]
   else:
     lead, per_layer = shape[:n_lead], shape[n_lead:]
-  view = _view(per_layer, spec.split, where)
+  try:
+    view = _view(per_layer, spec.split, where)
+  except ValueError as e:
+    if not lead:
+      raise
+    raise ValueError(
+        f"{e} (the parameter has {len(shape)} axes where the layout expects {spec.ndim} per "
+        f"layer, so {lead} were read as layer axes; a kernel that stacks q, k and v on an "
+        f"axis of its own, like Gemma's qkv_einsum (3, N, D, H), is separate_qk("
+        f"'qkv_einsum', 'qkv_einsum', kernel='w', head_axis=0, query_stack=(0, 0), "
+        f"key_stack=(0, 1), bias=None))") from None
   rank = len(view)
   ranges = [(0, s) for s in view]
   for axis, start, stop in spec.select:

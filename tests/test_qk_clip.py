@@ -1395,3 +1395,13 @@ def test_gemma_kv_stack_clips_keys_never_values():
   np.testing.assert_array_equal(old[1], cur[1])  # values
   k_hot = group_min(gammas(before, tau), kv)[::h // kv] < 1
   np.testing.assert_array_equal(np.all(old[0] == cur[0], axis=(1, 2)), ~k_hot)
+
+
+def test_fused_qkv_on_a_stacked_einsum_points_to_the_stack_option():
+  params = gemma_params(12, 12, dim=16)  # qkv_einsum (3, 12, E, 16): the failure
+  with pytest.raises(ValueError, match=r"cannot be split.*query_stack=\(0, 0\), key_stack="):
+    sgd_clip(1.0, layouts=mc.fused_qkv("qkv_einsum", num_heads=12, kernel="w",
+                                       weight_layout="in_out")).init(params)
+  with pytest.raises(ValueError, match="allow_no_attention"):
+    mc.muonclip(1e-3, tau=1.0).init(_mlp_params())
+  mc.muonclip(1e-3, tau=1.0, allow_no_attention=True).init(_mlp_params())
