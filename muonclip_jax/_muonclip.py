@@ -37,6 +37,7 @@ def muonclip(
     auto_detect: bool = True,
     strict: bool = True,
     every_k_schedule: Schedule | None = None,
+    allow_no_attention: bool = False,
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     nesterov: bool = True,
@@ -85,6 +86,8 @@ def muonclip(
     every_k_schedule: gradient accumulation: wrap Muon in
       ``optax.MultiSteps(muon, every_k_schedule)`` and clip once per emitted
       update with the max of the micro-batches' statistics (never their sum).
+    allow_no_attention: accept a model with no attention layer (QK-Clip then
+      does nothing; see :func:`muonclip_jax.qk_clip`).
     weight_decay_mask: see :func:`muonclip_jax.muon`.
     beta: Muon's momentum coefficient (see :func:`muonclip_jax.scale_by_muon`).
     nesterov: Nesterov momentum (see :func:`muonclip_jax.scale_by_muon`).
@@ -131,5 +134,6 @@ def muonclip(
   return optax.chain(
       inner,
       qk_clip(tau, layouts=layouts, gqa_sharing=gqa_sharing, gqa_alpha=gqa_alpha,
-              auto_detect=auto_detect, strict=strict, every_k_schedule=every_k_schedule),
+              auto_detect=auto_detect, strict=strict, every_k_schedule=every_k_schedule,
+              allow_no_attention=allow_no_attention),
   )

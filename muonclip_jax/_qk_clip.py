@@ -67,6 +67,8 @@ statistics. Either
 from __future__ import annotations
 
 import fnmatch
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -92,6 +94,28 @@ from muonclip_jax._qk_layouts import (
 LayoutsLike = QKLayout | Mapping[str, QKLayout] | None
 Schedule = int | Callable[[jax.Array], jax.Array]
 _MISSING = object()
+
+# How each kind of model produces the statistic: every "no statistics" error ends with it.
+PRODUCER_HINT = (
+    "How to produce them, by framework: Flax linen: attention_fn=muonclip_jax."
+    "dot_product_attention called with sow_weights=True (or MaxLogitMultiHeadDotProduct"
+    "Attention), model.apply(..., mutable=['intermediates']), pass the returned "
+    "'intermediates'; Flax NNX: the same attention_fn (or MaxLogitMultiHeadAttention), "
+    "then nnx.capture(model, nnx.Intermediate)(x) -- a model that assigns an "
+    "nnx.Intermediate attribute instead of calling sow (MaxText's record_max_logits) "
+    "gives {} to nnx.capture: call the model, then stats = nnx.pop(model, "
+    "nnx.Intermediate); hand-written attention in any framework (Equinox, PyTorch-style, "
+    "plain JAX): compute muonclip_jax.head_max_logits(logits, mask=mask) in the forward "
+    "pass, return it, and pass {'path/to/attention': {'max_logits': value}}, the path "
+    "being the module that holds the query/key parameters (or a parameter-less child of "
+    "it).")
+
+LAYOUT_HINT = (
+    "QK-Clip detects only Flax's own attention modules (query/key/value/out with 3-D "
+    "kernels); say where any other model keeps its query/key weights with layouts=: "
+    "separate_qk (separate projections; PyTorch/Equinox (out, in) weights: "
+    "weight_layout='out_in'), fused_qkv, mla, qk_norm, e.g. layouts={'*/attn': "
+    "muonclip_jax.separate_qk('q_proj', 'k_proj', num_heads=8, merged_heads=True)}.")
 
 
 class QKClipState(NamedTuple):
@@ -301,6 +325,57 @@ def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: Layou
   return layers
 
 
+def _no_layers_error(shapes: Mapping[Path, tuple[int, ...]], layouts: LayoutsLike,
+                     auto_detect: bool) -> ValueError:
+  paths = sorted(show_path(p) for p in shapes)
+  some = ", ".join(repr(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
+  given = ("no layouts given" if layouts is None else "the layouts given matched nothing")
+  return ValueError(
+      f"qk_clip: no attention layer found in the parameters ({len(paths)} leaves: "
+      f"{some or 'none'}; {given}; auto_detect={auto_detect}). QK-Clip would do nothing. "
+      f"{LAYOUT_HINT} If the model has no attention, use muonclip_jax.muon instead of "
+      f"muonclip, or pass allow_no_attention=True.")
+
+
+def _empty_stats_error(max_logits: Any, layers: Mapping[Path, Layer]) -> ValueError:
+  leaves, _ = leaves_with_paths(max_logits)
+  seen = ", ".join(repr(show_path(p)) for p, _ in leaves[:6]) + (
+      ", ..." if len(leaves) > 6 else "")
+  what = (f"a {type(max_logits).__name__} with no leaf" if not leaves else
+          f"leaves {seen}, none under a 'max_logits' key")
+  known = ", ".join(repr(show_path(m)) for m in layers)
+  return ValueError(
+      f"qk_clip: the statistics passed as max_logits= hold no 'max_logits' entry ({what}); "
+      f"the attention layers {known} would go unclipped. {PRODUCER_HINT}")
+
+
+_QK_NORM_NAME = re.compile(r"^_*(q|query|k|key)_?(norm|ln|layernorm|rmsnorm|layer_norm)$")
+
+
+def qk_norm_bypassed(layers: Mapping[Path, Layer],
+                     shapes: Mapping[Path, tuple[int, ...]]) -> dict[str, list[str]]:
+  """Layers whose layout scales projections while a QK-norm sits beside them.
+
+  A norm of ``q``/``k`` after the projection cancels any scaling of ``W_q``,
+  ``W_k``: such a clip would count heads as clipped and change no logit. Found
+  by name (children called ``q_norm``, ``_query_norm``, ``key_ln``, ... holding
+  parameters that the layout leaves alone); MLA layouts are exempt (DeepSeek's
+  ``q_norm``/``kv_norm`` act on the latents, before the clipped up-projections).
+  """
+  out: dict[str, list[str]] = {}
+  for m, layer in layers.items():
+    if any(t.spec.role == "query_rope" for t in layer.targets):
+      continue
+    clipped = {t.param for t in layer.targets}
+    norms = sorted({p[len(m)] for p in shapes
+                    if len(p) > len(m) + 1 and p[:len(m)] == m
+                    and _QK_NORM_NAME.match(p[len(m)].lower())})
+    norms = [n for n in norms if not any(c[:len(m) + 1] == m + (n,) for c in clipped)]
+    if norms:
+      out[show_path(m)] = norms
+  return out
+
+
 def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: LayoutsLike,
                      shapes: Mapping[Path, tuple[int, ...]]) -> ValueError:
   hint = ""
@@ -317,7 +392,8 @@ def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: Layout
   return ValueError(
       f"qk_clip: statistics at {show_path(module)!r} have no matching attention "
       f"parameters (attention layers found: {known}).{hint} Sow max_logits in the module "
-      f"that owns the query/key parameters, or describe them with layouts=.")
+      f"that owns the query/key parameters (or a parameter-less child of it), or "
+      f"describe the parameters with layouts=. {LAYOUT_HINT}")
 
 
 # --------------------------------------------------------------------------
@@ -347,28 +423,79 @@ class _Accumulated(NamedTuple):
   mini_step: jax.Array
 
 
+def owning_layer(module: Path, layers: Mapping[Path, Layer],
+                 shapes: Mapping[Path, tuple[int, ...]]) -> Path | None:
+  """The attention layer a statistic sown at ``module`` belongs to, or ``None``.
+
+  ``module`` itself when it is a layer. A statistic sown on a module that holds
+  no parameter (MaxText's ``.../self_attention/attention_op``) belongs to its
+  nearest ancestor that holds parameters, if that ancestor is a layer.
+  """
+  if module in layers:
+    return module
+  def holds_parameters(m: Path) -> bool:
+    return any(len(p) > len(m) and p[:len(m)] == m for p in shapes)
+
+  if holds_parameters(module):
+    return None  # a module with parameters of its own that is no attention layer
+  for i in range(len(module) - 1, -1, -1):
+    if module[:i] in layers:
+      return module[:i]
+    if holds_parameters(module[:i]):
+      return None  # the nearest ancestor with parameters is no attention layer
+  return None
+
+
+def head_statistic(s: jax.Array, layer: Layer, where: str) -> jax.Array:
+  """``s`` as ``[layers..., heads]``: batch axes between the layer axes and heads max-reduced.
+
+  The statistics contract: ``[layers..., batch..., heads]``. The layer axes
+  (known from the parameters: ``layer.lead``) come first, as ``jax.lax.scan``,
+  ``nn.scan`` and ``nnx.scan`` stack what a scanned body sows; any axes between
+  them and the heads are batch axes (MaxText sows ``[batch, heads]``) and are
+  max-reduced. Anything else is refused, never guessed.
+  """
+  shape, lead, heads = tuple(s.shape), layer.lead, layer.num_heads
+  want = lead + (heads,)
+  if shape == want:
+    return s
+  n = len(lead)
+  if len(shape) > n + 1 and shape[:n] == lead and shape[-1] == heads:
+    return jnp.max(s, axis=tuple(range(n, len(shape) - 1)))
+  raise ValueError(
+      f"qk_clip: statistics at {where} have shape {shape}, expected {want} for layout "
+      f"{layer.layout.name!r} (statistics contract: [layers..., batch..., heads]: the "
+      f"layer (scan) axes {lead} of the parameters first, as a scan stacks them, then "
+      f"any batch axes, which are max-reduced, then the {heads} query heads last; "
+      f"parameters that keep their layer axis elsewhere than first, like MaxText's "
+      f"param_scan_axis=1, declare it with scan_axis= on their layout)")
+
+
 def _match_statistics(stats: dict[Path, jax.Array], layers: dict[Path, Layer], cut: int,
                       params: Any, layouts: Any, strict: bool) -> dict[Path, jax.Array]:
-  """Step 1: every statistic belongs to an attention layer, with its head shape."""
+  """Step 1: every statistic belongs to an attention layer, as ``[layers..., heads]``.
+
+  Statistics of one layer (its own and a parameter-less child's) are max-reduced.
+  """
+  leaves, _ = leaves_with_paths(params)
+  shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
+  out: dict[Path, jax.Array] = {}
   for module, s in stats.items():
-    if module not in layers:
-      leaves, _ = leaves_with_paths(params)
-      shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
+    owner = owning_layer(module, layers, shapes)
+    if owner is None:
       raise _no_params_error(module, layers, layouts, shapes)
-    layer = layers[module]
-    want = layer.lead + (layer.num_heads,)
-    if tuple(s.shape) != want:
-      raise ValueError(f"qk_clip: statistics at {show_path(module)!r} have shape "
-                       f"{tuple(s.shape)}, expected {want} ([layers...,] heads) for "
-                       f"layout {layer.layout.name!r}")
+    where = repr(show_path(module)) + (
+        f" (for the attention layer {show_path(owner)!r})" if owner != module else "")
+    v = head_statistic(s, layers[owner], where)
+    out[owner] = jnp.maximum(out[owner], v) if owner in out else v
   if strict:
-    missing = [show_path(m) for m in layers if m not in stats]
+    missing = [show_path(m) for m in layers if m not in out]
     if missing:
       raise ValueError(
-          f"qk_clip: no max_logits for attention layers {missing} (strict=True). Call "
-          f"them with sow_weights=True and attention_fn=muonclip_jax."
-          f"dot_product_attention, or pass strict=False to leave them unclipped.")
-  return stats
+          f"qk_clip: no max_logits for attention layers {missing} (strict=True); "
+          f"statistics came for {[show_path(m) for m in stats]}. Pass strict=False to "
+          f"leave layers without statistics unclipped. {PRODUCER_HINT}")
+  return out
 
 
 def _accumulate(stats: dict[Path, jax.Array], state: QKClipState,
@@ -413,9 +540,25 @@ def _clip_factors(stats: dict[Path, jax.Array], layers: dict[Path, Layer], acc: 
   return factors, num_clipped, num_skipped
 
 
+def _offsets(layers: Mapping[Path, Layer]) -> dict[Path, float]:
+  """Per parameter, the offset of its gain form (``1 + scale``: 1); 0 for plain factors."""
+  out: dict[Path, float] = {}
+  for layer in layers.values():
+    for t in layer.targets:
+      if out.setdefault(t.param, t.spec.offset) != t.spec.offset:
+        raise ValueError(f"qk_clip: layout {layer.layout.name!r} gives "
+                         f"{show_path(t.param)!r} two gain offsets, {out[t.param]} and "
+                         f"{t.spec.offset}")
+  return out
+
+
 def _rescale_updates(updates: Any, params: Any, factors: dict[Path, jax.Array],
-                     cut: int) -> Any:
-  """Step 4: updates that land each clipped weight on ``factor * (W + u)``."""
+                     offsets: Mapping[Path, float], cut: int) -> Any:
+  """Step 4: updates that land each clipped weight on ``factor * (W + u)``.
+
+  A gain stored with an offset ``c`` (it acts as ``W + c``) lands on
+  ``factor * (W + u + c) - c``.
+  """
   u_leaves, treedef = leaves_with_paths(updates)
   p_by_path = {p[cut:]: leaf for p, leaf in leaves_with_paths(params)[0]}
   out = []
@@ -425,7 +568,11 @@ def _rescale_updates(updates: Any, params: Any, factors: dict[Path, jax.Array],
       out.append(u)
       continue
     p = jnp.asarray(p_by_path[path[cut:]], jnp.float32)
-    clipped = (p + u.astype(jnp.float32)) * f - p
+    c = offsets.get(path[cut:], 0.0)
+    if c:
+      clipped = (p + u.astype(jnp.float32) + c) * f - c - p
+    else:
+      clipped = (p + u.astype(jnp.float32)) * f - p
     out.append(jnp.where(f != 1.0, clipped.astype(u.dtype), u))
   return jax.tree_util.tree_unflatten(treedef, out)
 
@@ -458,6 +605,7 @@ def qk_clip(
     auto_detect: bool = True,
     strict: bool = True,
     every_k_schedule: Schedule | None = None,
+    allow_no_attention: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """QK-Clip (Kimi K2, arXiv 2507.20534): rescale hot heads' q/k weights after the update.
 
@@ -476,8 +624,12 @@ def qk_clip(
 
   ``stats`` is what Flax returns: linen's ``'intermediates'`` collection (from
   ``mutable=['intermediates']``) or NNX's ``State`` of ``nnx.Intermediate``
-  (``nnx.capture`` / ``nnx.pop``); each ``max_logits`` entry is matched to the
-  attention parameters at the same module path.
+  (``nnx.capture`` / ``nnx.pop``), or a plain dict built by hand-written code;
+  each ``max_logits`` entry is matched to the attention parameters at the same
+  module path, or, when sown on a module that holds no parameters (MaxText's
+  ``attention_op``), at its nearest ancestor that holds parameters. Its shape is
+  ``[layers..., batch..., heads]``: the layer (scan) axes of the parameters
+  first, then any batch axes (max-reduced), then the query heads.
 
   Args:
     tau: the logit bound (K2: 100; 30 in their small ablation). Must be
@@ -502,6 +654,10 @@ def qk_clip(
       micro-steps itself, so it must match ``MultiSteps``'s schedule, and
       ``MultiSteps(should_skip_update_fn=...)`` (skipped micro-steps) is not
       supported.
+    allow_no_attention: accept parameters with no attention layer (``init``
+      and ``update`` raise otherwise, since the transform would do nothing);
+      with none found, ``update`` then passes updates through and accepts empty
+      statistics.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` takes
@@ -509,8 +665,10 @@ def qk_clip(
 
   Raises:
     ValueError: ``tau <= 0``; unknown ``gqa_sharing``; a layout that matches
-      nothing; statistics with no matching parameters or the wrong shape; a
-      missing ``max_logits`` argument (at trace time, naming the path).
+      nothing; no attention layer found (unless ``allow_no_attention``);
+      statistics that are missing, empty (no ``max_logits`` entry), have no
+      matching parameters or the wrong shape (at trace time, naming the path
+      and how each framework produces them).
 
   References:
     Kimi Team, `Kimi K2: Open Agentic Intelligence
@@ -543,15 +701,32 @@ def qk_clip(
     raise ValueError(f"qk_clip: gqa_alpha must be in [0, 1], got {gqa_alpha}")
   schedule = _as_schedule(every_k_schedule)
 
+  def _shapes(params: Any) -> dict[Path, tuple[int, ...]]:
+    leaves, _ = leaves_with_paths(params)
+    cut = _param_prefix([p for p, _ in leaves])
+    return {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
+
   def find_layers(params: Any) -> tuple[dict[Path, Layer], int]:
     leaves, _ = leaves_with_paths(params)
     paths = [p for p, _ in leaves]
     cut = _param_prefix(paths)
     shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
-    return find_attention_layers(shapes, layouts, auto_detect), cut
+    layers = find_attention_layers(shapes, layouts, auto_detect)
+    if not layers and not allow_no_attention:
+      raise _no_layers_error(shapes, layouts, auto_detect)
+    return layers, cut
 
   def init_fn(params: optax.Params) -> QKClipState:
     layers, _ = find_layers(params)
+    bypassed = qk_norm_bypassed(layers, _shapes(params))
+    if bypassed:
+      warnings.warn(
+          f"qk_clip: attention layers {bypassed} (layer: QK-norm modules) have a QK-norm "
+          f"that their layout leaves alone, while it scales the projections: a norm after "
+          f"the projection cancels that scaling, so heads would be counted clipped and no "
+          f"logit would change. Clip the norm gains instead: layouts=muonclip_jax.qk_norm("
+          f"'<query norm>', '<key norm>', num_heads=..., gain='scale' or 'one_plus'). Ignore "
+          f"this if those norms act before the projections.", UserWarning, stacklevel=2)
     neg = {show_path(m): jnp.full(layer.lead + (layer.num_heads,), -jnp.inf, jnp.float32)
            for m, layer in layers.items()}
     zero = jnp.zeros([], jnp.int32)
@@ -568,16 +743,20 @@ def qk_clip(
     if max_logits is _MISSING or max_logits is None:
       raise ValueError(
           "qk_clip: update needs this step's attention statistics: "
-          "tx.update(grads, state, params, max_logits=stats), with stats the linen "
-          "'intermediates' collection or the NNX State of nnx.Intermediate holding "
-          "'max_logits' (nnx.Optimizer.update(model, grads, max_logits=stats)).")
+          "tx.update(grads, state, params, max_logits=stats) "
+          "(nnx.Optimizer.update(model, grads, max_logits=stats)), stats holding "
+          f"'max_logits' entries. {PRODUCER_HINT}")
     layers, cut = find_layers(params)
-    stats = _match_statistics(collect_max_logits(max_logits), layers, cut, params, layouts,
-                              strict)
+    collected = collect_max_logits(max_logits)
+    if not collected:
+      if not layers:  # allow_no_attention: nothing to clip, nothing to check
+        return updates, state
+      raise _empty_stats_error(max_logits, layers)
+    stats = _match_statistics(collected, layers, cut, params, layouts, strict)
     acc = _accumulate(stats, state, schedule)
     factors, num_clipped, num_skipped = _clip_factors(
         stats, layers, acc, jnp.asarray(tau, jnp.float32), gqa_sharing, gqa_alpha)
-    new_updates = _rescale_updates(updates, params, factors, cut)
+    new_updates = _rescale_updates(updates, params, factors, _offsets(layers), cut)
     return new_updates, _next_state(state, acc, num_clipped, num_skipped)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
