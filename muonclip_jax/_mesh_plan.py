@@ -36,6 +36,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -783,17 +784,36 @@ def _format(plan: MuonShardingPlan) -> str:
 
 
 def mesh_axis_sizes(mesh: Any) -> dict[str, int]:
-  """Axis name -> size of a ``Mesh``, an ``AbstractMesh`` or a mapping."""
+  """Axis name -> size of a ``Mesh``, an ``AbstractMesh`` or a mapping.
+
+  Raises:
+    TypeError: ``mesh`` is none of these.
+    ValueError: an axis size is not a positive integer (named with its axis).
+  """
   if isinstance(mesh, Mapping):
-    sizes = {str(k): int(v) for k, v in mesh.items()}
+    raw = {str(k): v for k, v in mesh.items()}
   elif hasattr(mesh, "axis_names") and hasattr(mesh, "shape"):
-    sizes = {str(k): int(v) for k, v in dict(mesh.shape).items()}
+    raw = {str(k): v for k, v in dict(mesh.shape).items()}
   else:
     raise TypeError("mesh: expected a jax.sharding.Mesh, an AbstractMesh or a mapping of "
                     f"axis name to size, got {type(mesh).__name__}")
-  if not sizes or any(v < 1 for v in sizes.values()):
-    raise ValueError(f"mesh: axis sizes must be positive, got {sizes}")
-  return sizes
+  if not raw:
+    raise ValueError("mesh: no axes; give at least one axis name and its size")
+  for name, v in raw.items():
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+      raise ValueError(f"mesh: axis {name!r} has size {v!r}; axis sizes must be positive "
+                       f"integers (the number of devices along the axis)")
+  return {k: int(v) for k, v in raw.items()}
+
+
+def _check_leaves(flat: Sequence[tuple[Any, Any]]) -> None:
+  """Every leaf has a shape and a dtype (an array or a ``jax.ShapeDtypeStruct``)."""
+  for p, x in flat:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise ValueError(
+          f"{path_str(p)}: expected an array or a jax.ShapeDtypeStruct leaf (with shape and "
+          f"dtype), got {type(x).__name__} {x!r:.40}; wrap Python scalars with jnp.asarray, "
+          "and keep non-array values out of the parameter tree")
 
 
 def _leaf_spec(x: Any, sizes: Mapping[str, int]) -> P | None:
@@ -834,8 +854,10 @@ def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
 
   Raises:
     TypeError: ``mesh`` is not a mesh or a mapping.
-    ValueError: a leaf is sharded on another mesh, a Muon leaf has rank < 2,
-      or the errors of the routing (naming the parameter path).
+    ValueError: an axis size is not a positive integer (naming the axis), a
+      leaf is not an array or ``ShapeDtypeStruct``, is sharded on another
+      mesh, or is a Muon leaf of rank < 2, or the errors of the routing
+      (naming the parameter path).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -852,6 +874,7 @@ def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
   dims_fn = dimension_numbers_fn(dimension_numbers)
   ns = NSOptions(resolve_coefficients(coeffs, steps), None, check_method(method), None, 1e-7)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  _check_leaves(flat)
   labels = jax.tree.leaves(resolve_labels(params, param_labels))
   views, dtypes, vspecs, rows = [], [], [], []
   for (p, x), label in zip(flat, labels, strict=True):

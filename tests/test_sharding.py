@@ -506,3 +506,19 @@ def test_orthogonalizer_without_specs_is_correct():
   got = jax.jit(lambda ms: orth(ms, NS))(mats)
   want = jax.jit(lambda ms: Orthogonalizer()(ms, NS))(mats)  # one compile, not per op
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [2.7, 0, -2, "2", True, 2.0])
+def test_plan_refuses_axis_sizes_that_are_not_positive_integers(size):
+  w = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+  with pytest.raises(ValueError, match=rf"mesh: axis 'x' has size {size!r}; axis sizes must "
+                                       r"be positive integers"):
+    mc.plan_muon_sharding(w, {"data": 2, "x": size})
+
+
+@pytest.mark.parametrize("leaf", [1.5, "relu", 3])
+def test_plan_names_the_path_of_a_leaf_that_is_not_an_array(leaf):
+  params = {"layer": {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32), "act": leaf}}
+  with pytest.raises(ValueError, match=r"^layer/act: expected an array or a "
+                                       r"jax.ShapeDtypeStruct leaf .*jnp.asarray"):
+    mc.plan_muon_sharding(params, {"x": 2})
