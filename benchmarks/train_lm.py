@@ -47,6 +47,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from benchmarks._argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
+
 
 def parse_mesh(spec: str | None) -> tuple[int, int] | None:
   """``"4x2"`` -> ``(4, 2)`` (data, model); ``"4"`` -> ``(4, 1)``; empty -> ``None``."""
@@ -63,31 +65,32 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
-  p.add_argument("--tau", type=float, default=100.0, help="QK-Clip threshold (muonclip)")
-  p.add_argument("--lr", type=float, default=None,
+  p.add_argument("--tau", type=positive_float, default=100.0,
+                 help="QK-Clip threshold (muonclip)")
+  p.add_argument("--lr", type=positive_float, default=None,
                  help="peak learning rate (default 0.01 for Muon/MuonClip, 3e-3 for AdamW)")
-  p.add_argument("--adam-lr", type=float, default=None,
+  p.add_argument("--adam-lr", type=positive_float, default=None,
                  help="learning rate of Muon's AdamW branch (default: --lr)")
-  p.add_argument("--weight-decay", type=float, default=0.1)
+  p.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
   p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seq-len", type=int, default=128)
-  p.add_argument("--d-model", type=int, default=128)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); "
+  p.add_argument("--warmup", type=nonnegative_int, default=20)
+  p.add_argument("--steps", type=positive_int, default=300)
+  p.add_argument("--batch", type=positive_int, default=16)
+  p.add_argument("--seq-len", type=positive_int, default=128)
+  p.add_argument("--d-model", type=positive_int, default=128)
+  p.add_argument("--layers", type=positive_int, default=4)
+  p.add_argument("--heads", type=positive_int, default=4)
+  p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA); "
                  "default: --heads")
   p.add_argument("--text", type=str, default=None,
                  help="train on this file instead of the standard-library corpus")
-  p.add_argument("--max-bytes", type=int, default=1 << 20, help="corpus size cap")
-  p.add_argument("--eval-every", type=int, default=50)
-  p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--max-bytes", type=positive_int, default=1 << 20, help="corpus size cap")
+  p.add_argument("--eval-every", type=positive_int, default=50)
+  p.add_argument("--eval-batches", type=positive_int, default=8)
   p.add_argument("--mesh", type=parse_mesh, default=None,
                  help="DATAxMODEL device mesh, e.g. 4x2 (host devices on CPU)")
   p.add_argument("--ckpt-dir", type=str, default=None, help="save checkpoints here")
-  p.add_argument("--ckpt-every", type=int, default=100)
+  p.add_argument("--ckpt-every", type=positive_int, default=100)
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --ckpt-dir")
   p.add_argument("--seed", type=int, default=0)
@@ -97,9 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--coordinator", type=str, default=None,
                  help="several processes: HOST:PORT of process 0 (with --num-processes, "
                  "--process-id)")
-  p.add_argument("--num-processes", type=int, default=None)
-  p.add_argument("--process-id", type=int, default=None)
-  p.add_argument("--log-every", type=int, default=0,
+  p.add_argument("--num-processes", type=positive_int, default=None)
+  p.add_argument("--process-id", type=nonnegative_int, default=None)
+  p.add_argument("--log-every", type=nonnegative_int, default=0,
                  help="print 'step N loss L' every N steps (0: no step lines)")
   p.add_argument("--out", type=str, default="runs/train_lm")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")

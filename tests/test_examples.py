@@ -289,3 +289,27 @@ def test_linen_step_clips_to_tau() -> None:
 def test_cli_rejects_inconsistent_multi_process_flags(flags: list[str], message: str) -> None:
   with pytest.raises(SystemExit, match=message):
     train_lm.main(flags)
+
+
+TINY_CLI = ["--steps", "6", "--batch", "4", "--seq-len", "16", "--d-model", "32",
+            "--layers", "1", "--heads", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--max-bytes", "65536", "--no-progress"]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--lr", "nan", "a finite number > 0"), ("--lr", "inf", "a finite number > 0"),
+    ("--lr", "0", "a finite number > 0"), ("--lr", "-0.1", "a finite number > 0"),
+    ("--tau", "nan", "a finite number > 0"), ("--weight-decay", "nan", "a finite number >= 0"),
+    ("--seq-len", "0", "an integer >= 1"), ("--batch", "-4", "an integer >= 1"),
+    ("--d-model", "0", "an integer >= 1"), ("--steps", "0", "an integer >= 1"),
+    ("--ckpt-every", "0", "an integer >= 1"), ("--eval-every", "0", "an integer >= 1"),
+])
+def test_cli_refuses_bad_numbers_when_parsing(flag, value, expected, tmp_path, capsys,
+                                              monkeypatch) -> None:
+  """Refused by argparse (exit status 2), before any model is built or step run."""
+  monkeypatch.setattr(lm, "Trainer", None)  # reaching training would raise TypeError
+  with pytest.raises(SystemExit) as e:
+    train_lm.main(TINY_CLI + ["--ckpt-dir", str(tmp_path / "ck"), flag, value])
+  assert e.value.code == 2
+  assert f"argument {flag}: expected {expected}, got" in capsys.readouterr().err
+  assert not (tmp_path / "ck").exists()
