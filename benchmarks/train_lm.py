@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -187,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"no checkpoint in {args.ckpt_dir}; starting from scratch", flush=True)
 
   def on_step(tr: lm.Trainer) -> None:
+    if diverged(tr.metrics) is not None:
+      raise _Diverged  # stop here: no checkpoint of a NaN state replaces a good one
     if ckpt is not None and (tr.step % args.ckpt_every == 0 or tr.step == args.steps):
       ckpt.save(tr)
     if args.log_every and tr.step % args.log_every == 0:
@@ -197,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              desc=args.optimizer, unit="step")
   try:
     trainer.run(progress=bar, on_step=on_step)
+  except _Diverged:
+    pass
   finally:
     bar.close()
     if ckpt is not None:
@@ -214,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "params": n_params,
       "seconds": seconds,
   }
+  bad_step = diverged(m)
+  if bad_step is not None:
+    summary["diverged_at_step"] = bad_step
   telemetry = lm.clip_telemetry(trainer.opt_state)
   if telemetry:
     summary["clipped_heads_total"] = telemetry["clipped_total"]
@@ -226,13 +234,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["files"] = [str(p) for p in (json_path, csv_path, *plots)]
   say(json.dumps(summary, indent=1), flush=True)
   say(qk_clip_report(args.optimizer, args.tau, summary["max_logit"],
-                     telemetry.get("clipped_total")), flush=True)
+                     telemetry.get("clipped_total"), diverged_at=bad_step, lr=lr), flush=True)
+  if bad_step is not None:
+    raise SystemExit(1)
   return summary
 
 
+class _Diverged(Exception):
+  """Raised from the step callback to stop a run whose loss went non-finite."""
+
+
+def diverged(metrics: dict[str, list[Any]]) -> int | None:
+  """The first step whose loss, or a layer's max logit, is NaN or infinite; else ``None``."""
+  for step, loss, logits in zip(metrics["step"], metrics["loss"], metrics["max_logit"],
+                                strict=True):
+    if not (math.isfinite(loss) and all(math.isfinite(x) for x in logits)):
+      return step
+  return None
+
+
 def qk_clip_report(optimizer: str, tau: float, max_logit: float | None,
-                   clipped_total: int | None) -> str:
-  """One line on what QK-Clip did in this run, and how to see it act."""
+                   clipped_total: int | None, *, diverged_at: int | None = None,
+                   lr: float | None = None) -> str:
+  """One line on what QK-Clip did in this run, and how to see it act.
+
+  A run that diverged (non-finite loss or logit) says so instead: its max
+  logit means nothing, and "stayed below tau" would be false comfort.
+  """
+  if diverged_at is not None:
+    at = f" (--lr {lr:g})" if lr is not None else ""
+    return (f"Diverged: the loss or a max logit became non-finite (NaN/inf) at step "
+            f"{diverged_at}; training stopped there and nothing was saved after it. "
+            f"Lower the learning rate{at} or raise --warmup.")
   if max_logit is None:
     return "QK-Clip: no steps run."
   if clipped_total is None:

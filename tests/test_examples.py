@@ -313,3 +313,23 @@ def test_cli_refuses_bad_numbers_when_parsing(flag, value, expected, tmp_path, c
   assert e.value.code == 2
   assert f"argument {flag}: expected {expected}, got" in capsys.readouterr().err
   assert not (tmp_path / "ck").exists()
+
+
+def test_cli_says_a_diverged_run_diverged_and_exits_1(tmp_path, capsys) -> None:
+  """A NaN loss ends with 'Diverged', not 'max logit ... stayed below tau', exit 1, and
+  no checkpoint of the NaN state."""
+  with pytest.raises(SystemExit) as e:
+    train_lm.main(TINY_CLI + ["--lr", "1e30", "--ckpt-dir", str(tmp_path / "ck"),
+                              "--ckpt-every", "1", "--out", str(tmp_path / "out")])
+  assert e.value.code == 1
+  out = capsys.readouterr().out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("Diverged: the loss or a max logit became non-finite") and \
+      "stayed below" not in out
+  doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  bad = doc["summary"]["diverged_at_step"]
+  losses = doc["metrics"]["loss"]
+  assert not np.isfinite(losses[-1]) or not np.all(np.isfinite(doc["metrics"]["max_logit"][-1]))
+  assert len(losses) == bad + 1 and np.all(np.isfinite(losses[:bad]))  # stopped there
+  saved = sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit())
+  assert saved and max(saved) <= bad  # steps 1..bad: the states before the NaN
