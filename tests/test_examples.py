@@ -333,3 +333,18 @@ def test_cli_says_a_diverged_run_diverged_and_exits_1(tmp_path, capsys) -> None:
   assert len(losses) == bad + 1 and np.all(np.isfinite(losses[:bad]))  # stopped there
   saved = sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit())
   assert saved and max(saved) <= bad  # steps 1..bad: the states before the NaN
+
+
+@pytest.mark.parametrize("script", ["train_nnx", "train_linen"])
+def test_examples_refuse_bad_numbers_and_stop_on_nan(script, capsys) -> None:
+  module = {"train_nnx": train_nnx, "train_linen": train_linen}[script]
+  for flag, value in (("--lr", "nan"), ("--seq-len", "0"), ("--steps", "-1")):
+    with pytest.raises(SystemExit) as e:
+      module.main([flag, value])
+    assert e.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
+  tiny = ["--steps", "4", "--batch", "4", "--seq-len", "16", "--lr", "1e30"]
+  if script == "train_nnx":
+    tiny += ["--d-model", "32", "--layers", "1", "--heads", "2", "--log-every", "1"]
+  with pytest.raises(SystemExit, match=r"^Diverged: the loss is nan at step \d+; lower --lr"):
+    module.main(tiny)
+  assert "stayed below" not in capsys.readouterr().out
