@@ -356,8 +356,11 @@ def flash_attention(
     value: ``[batch, kv_len, num_kv_heads, v_depth]``.
     bias: additive bias; the kernels add it before their max, so it needs
       ``stats_include_bias=True`` (not with ``"splash"``).
-    mask: boolean mask broadcastable to ``[batch, heads, q_len, kv_len]``
-      (``False`` is masked); ``"splash"`` takes key padding masks
+    mask: ``[batch, heads, q_len, kv_len]``, each axis the full size or 1
+      (a key padding mask ``[batch, kv_len]`` is ``mask[:, None, None, :]``);
+      boolean (``False`` is masked) or integer (nonzero attends, as in
+      Flax); float masks are refused (an additive ``0 / -inf`` mask would
+      read inverted). ``"splash"`` takes key padding masks
       ``[batch, 1, 1, kv_len]`` only.
     broadcast_dropout: Flax's argument; dropout is not supported.
     dropout_rng: Flax's argument; dropout is not supported.
@@ -369,13 +372,17 @@ def flash_attention(
     is_causal: causal mask (top-left aligned).
     implementation: ``"xla"`` (tokamax's XLA reference; any backend),
       ``"triton"`` / ``"mosaic_gpu"`` (NVIDIA; Mosaic needs sm90+),
-      ``"splash"`` (TPU), or ``"auto"``: splash on TPU (when no bias and a
-      supported mask), Mosaic GPU on H100/H200/B200, Triton on other GPUs,
+      ``"splash"`` (TPU; rank-4 inputs; any sequence length: it pads to its
+      128-blocks and masks the pad keys, so output and statistic are exact),
+      or ``"auto"``: splash on TPU (when no bias, a supported mask and rank-4
+      inputs, else XLA), Mosaic GPU on H100/H200/B200, Triton on other GPUs,
       XLA on CPU.
     interpret: run the splash kernel in Pallas interpret mode (CPU tests; the
       GPU kernels have no interpret path here).
     logit_soft_cap: ``cap * tanh(logits / cap)`` before the softmax; the
       statistic is inverted to before the cap (see the module docstring).
+      A positive finite Python number (static, not traced); ``None``
+      disables it.
     stats_include_bias: accept a statistic that includes ``bias``.
     statistic: ``"max"`` (the kernel's row max), or
       ``"logsumexp_upper_bound"``: ``jax.nn.dot_product_attention``'s
@@ -397,7 +404,10 @@ def flash_attention(
 
   Raises:
     ValueError: a configuration whose statistic no kernel gives exactly (see
-      the module docstring), an unknown implementation, bad shapes.
+      the module docstring), an unknown implementation, a soft-cap that is
+      not a positive finite number, a mask of another shape or a float mask,
+      inputs not of rank 4 for splash or ``mesh=`` (each message names the
+      argument and what it accepts).
     ImportError: tokamax missing or outside the supported range (the message
       says how to install the ``kernels`` extra).
 

@@ -16,6 +16,11 @@ plan; this module only decides it):
    longest processing time first (Graham 1969), heaviest first onto the least
    loaded device (:func:`_place_leftovers`). A lone matrix is computed on
    every device instead when that does not load the busiest device more.
+   A pooled operand with fewer matrices than devices, whose gather back
+   would move more than twice its own bytes, is instead spread over some of
+   its replicated mesh axes and repeated over the others, or over none
+   (every device computes it; unsharded, nothing moves), whichever costs the
+   least FLOPs and bytes (:func:`_spread_axes`).
 3. **Level** (:func:`_level`). Each batch shard of a batch-sharded operand
    gives fewer of its matrices to the devices that got large pooled ones.
 4. **Lay out** (:func:`_layout`). Each device's matrices are padded with zero
