@@ -20,6 +20,8 @@ from pathlib import Path
 
 import jax
 
+from benchmarks._argtypes import nonnegative_int, positive_int
+
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
@@ -90,15 +92,15 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def add_study_args(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -> None:
   """The model, data and evaluation flags the training studies share."""
-  p.add_argument("--steps", type=int, default=steps)
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seq-len", type=int, default=64)
-  p.add_argument("--d-model", type=int, default=128)
-  p.add_argument("--layers", type=int, default=2)
-  p.add_argument("--heads", type=int, default=4)
+  p.add_argument("--steps", type=positive_int, default=steps)
+  p.add_argument("--warmup", type=nonnegative_int, default=20)
+  p.add_argument("--batch", type=positive_int, default=16)
+  p.add_argument("--seq-len", type=positive_int, default=64)
+  p.add_argument("--d-model", type=positive_int, default=128)
+  p.add_argument("--layers", type=positive_int, default=2)
+  p.add_argument("--heads", type=positive_int, default=4)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-  p.add_argument("--eval-every", type=int, default=eval_every)
-  p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--eval-every", type=positive_int, default=eval_every)
+  p.add_argument("--eval-batches", type=positive_int, default=8)
   p.add_argument("--quick", action="store_true",
                  help="tiny smoke run; leaves RESULTS.md and the plots alone")

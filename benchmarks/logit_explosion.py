@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import _common  # noqa: E402
 from benchmarks import harness as lm  # noqa: E402
+from benchmarks._argtypes import nonnegative_float, positive_float  # noqa: E402
 
 PLOTS = Path(__file__).with_name("plots")
 
@@ -171,9 +172,9 @@ Machine: {_common.machine()}. Command: `python -m benchmarks.logit_explosion`.
 def main(argv: Sequence[str] | None = None) -> dict[int, dict[str, dict[str, Any]]]:
   """Runs the study (see the module docstring); returns the per-seed results."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--tau", type=float, default=100.0)
-  p.add_argument("--lr", type=float, default=0.02)
-  p.add_argument("--weight-decay", type=float, default=0.0)
+  p.add_argument("--tau", type=positive_float, default=100.0)
+  p.add_argument("--lr", type=positive_float, default=0.02)
+  p.add_argument("--weight-decay", type=nonnegative_float, default=0.0)
   _common.add_study_args(p, steps=500, eval_every=25)
   args = p.parse_args(argv)
   if args.quick:

@@ -39,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import _common  # noqa: E402
 from benchmarks import harness as lm  # noqa: E402
+from benchmarks._argtypes import nonnegative_float, positive_float  # noqa: E402
 
 PLOTS = Path(__file__).with_name("plots")
 CACHE = ROOT / "runs" / "token_efficiency_cache"
@@ -191,11 +192,12 @@ Machine: {_common.machine()}. Command: `python -m benchmarks.token_efficiency`.
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Runs the study (see the module docstring); returns the analysis."""
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  p.add_argument("--adamw-lrs", type=float, nargs="+", default=[2e-3, 2.8e-3, 4e-3, 5.6e-3, 8e-3])
-  p.add_argument("--muon-lrs", type=float, nargs="+", default=[5e-3, 1e-2, 2e-2],
+  p.add_argument("--adamw-lrs", type=positive_float, nargs="+",
+                 default=[2e-3, 2.8e-3, 4e-3, 5.6e-3, 8e-3])
+  p.add_argument("--muon-lrs", type=positive_float, nargs="+", default=[5e-3, 1e-2, 2e-2],
                  help="sweep for Muon and MuonClip")
-  p.add_argument("--tau", type=float, default=20.0)
-  p.add_argument("--weight-decay", type=float, default=0.1)
+  p.add_argument("--tau", type=positive_float, default=20.0)
+  p.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
   _common.add_study_args(p, steps=400, eval_every=20)
   args = p.parse_args(argv)
   if args.quick:

@@ -41,11 +41,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
+
+from benchmarks._argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
 def parse_mesh(spec: str | None) -> tuple[int, int] | None:
@@ -63,31 +66,32 @@ def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
-  p.add_argument("--tau", type=float, default=100.0, help="QK-Clip threshold (muonclip)")
-  p.add_argument("--lr", type=float, default=None,
+  p.add_argument("--tau", type=positive_float, default=100.0,
+                 help="QK-Clip threshold (muonclip)")
+  p.add_argument("--lr", type=positive_float, default=None,
                  help="peak learning rate (default 0.01 for Muon/MuonClip, 3e-3 for AdamW)")
-  p.add_argument("--adam-lr", type=float, default=None,
+  p.add_argument("--adam-lr", type=positive_float, default=None,
                  help="learning rate of Muon's AdamW branch (default: --lr)")
-  p.add_argument("--weight-decay", type=float, default=0.1)
+  p.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
   p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
-  p.add_argument("--warmup", type=int, default=20)
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seq-len", type=int, default=128)
-  p.add_argument("--d-model", type=int, default=128)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (GQA); "
+  p.add_argument("--warmup", type=nonnegative_int, default=20)
+  p.add_argument("--steps", type=positive_int, default=300)
+  p.add_argument("--batch", type=positive_int, default=16)
+  p.add_argument("--seq-len", type=positive_int, default=128)
+  p.add_argument("--d-model", type=positive_int, default=128)
+  p.add_argument("--layers", type=positive_int, default=4)
+  p.add_argument("--heads", type=positive_int, default=4)
+  p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA); "
                  "default: --heads")
   p.add_argument("--text", type=str, default=None,
                  help="train on this file instead of the standard-library corpus")
-  p.add_argument("--max-bytes", type=int, default=1 << 20, help="corpus size cap")
-  p.add_argument("--eval-every", type=int, default=50)
-  p.add_argument("--eval-batches", type=int, default=8)
+  p.add_argument("--max-bytes", type=positive_int, default=1 << 20, help="corpus size cap")
+  p.add_argument("--eval-every", type=positive_int, default=50)
+  p.add_argument("--eval-batches", type=positive_int, default=8)
   p.add_argument("--mesh", type=parse_mesh, default=None,
                  help="DATAxMODEL device mesh, e.g. 4x2 (host devices on CPU)")
   p.add_argument("--ckpt-dir", type=str, default=None, help="save checkpoints here")
-  p.add_argument("--ckpt-every", type=int, default=100)
+  p.add_argument("--ckpt-every", type=positive_int, default=100)
   p.add_argument("--resume", action="store_true",
                  help="continue from the latest checkpoint in --ckpt-dir")
   p.add_argument("--seed", type=int, default=0)
@@ -97,9 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--coordinator", type=str, default=None,
                  help="several processes: HOST:PORT of process 0 (with --num-processes, "
                  "--process-id)")
-  p.add_argument("--num-processes", type=int, default=None)
-  p.add_argument("--process-id", type=int, default=None)
-  p.add_argument("--log-every", type=int, default=0,
+  p.add_argument("--num-processes", type=positive_int, default=None)
+  p.add_argument("--process-id", type=nonnegative_int, default=None)
+  p.add_argument("--log-every", type=nonnegative_int, default=0,
                  help="print 'step N loss L' every N steps (0: no step lines)")
   p.add_argument("--out", type=str, default="runs/train_lm")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -184,6 +188,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             f"no checkpoint in {args.ckpt_dir}; starting from scratch", flush=True)
 
   def on_step(tr: lm.Trainer) -> None:
+    if diverged(tr.metrics) is not None:
+      raise _Diverged  # stop here: no checkpoint of a NaN state replaces a good one
     if ckpt is not None and (tr.step % args.ckpt_every == 0 or tr.step == args.steps):
       ckpt.save(tr)
     if args.log_every and tr.step % args.log_every == 0:
@@ -194,6 +200,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
              desc=args.optimizer, unit="step")
   try:
     trainer.run(progress=bar, on_step=on_step)
+  except _Diverged:
+    pass
   finally:
     bar.close()
     if ckpt is not None:
@@ -211,6 +219,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       "params": n_params,
       "seconds": seconds,
   }
+  bad_step = diverged(m)
+  if bad_step is not None:
+    summary["diverged_at_step"] = bad_step
   telemetry = lm.clip_telemetry(trainer.opt_state)
   if telemetry:
     summary["clipped_heads_total"] = telemetry["clipped_total"]
@@ -223,13 +234,38 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["files"] = [str(p) for p in (json_path, csv_path, *plots)]
   say(json.dumps(summary, indent=1), flush=True)
   say(qk_clip_report(args.optimizer, args.tau, summary["max_logit"],
-                     telemetry.get("clipped_total")), flush=True)
+                     telemetry.get("clipped_total"), diverged_at=bad_step, lr=lr), flush=True)
+  if bad_step is not None:
+    raise SystemExit(1)
   return summary
 
 
+class _Diverged(Exception):
+  """Raised from the step callback to stop a run whose loss went non-finite."""
+
+
+def diverged(metrics: dict[str, list[Any]]) -> int | None:
+  """The first step whose loss, or a layer's max logit, is NaN or infinite; else ``None``."""
+  for step, loss, logits in zip(metrics["step"], metrics["loss"], metrics["max_logit"],
+                                strict=True):
+    if not (math.isfinite(loss) and all(math.isfinite(x) for x in logits)):
+      return step
+  return None
+
+
 def qk_clip_report(optimizer: str, tau: float, max_logit: float | None,
-                   clipped_total: int | None) -> str:
-  """One line on what QK-Clip did in this run, and how to see it act."""
+                   clipped_total: int | None, *, diverged_at: int | None = None,
+                   lr: float | None = None) -> str:
+  """One line on what QK-Clip did in this run, and how to see it act.
+
+  A run that diverged (non-finite loss or logit) says so instead: its max
+  logit means nothing, and "stayed below tau" would be false comfort.
+  """
+  if diverged_at is not None:
+    at = f" (--lr {lr:g})" if lr is not None else ""
+    return (f"Diverged: the loss or a max logit became non-finite (NaN/inf) at step "
+            f"{diverged_at}; training stopped there and nothing was saved after it. "
+            f"Lower the learning rate{at} or raise --warmup.")
   if max_logit is None:
     return "QK-Clip: no steps run."
   if clipped_total is None:

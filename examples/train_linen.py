@@ -27,7 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import linen as nn
-from train_nnx import batches, load_corpus  # the script's own directory is on sys.path
+
+# The script's own directory is on sys.path.
+from train_nnx import batches, check_finite, load_corpus, positive_float, positive_int
 
 import muonclip_jax
 
@@ -93,11 +95,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Trains for ``--steps``; returns first/last loss and the last max logit."""
   p = argparse.ArgumentParser(description="MuonClip with Flax linen.")
   p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
-  p.add_argument("--steps", type=int, default=100)
-  p.add_argument("--lr", type=float, default=0.01)
-  p.add_argument("--tau", type=float, default=100.0)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seq-len", type=int, default=64)
+  p.add_argument("--steps", type=positive_int, default=100)
+  p.add_argument("--lr", type=positive_float, default=0.01)
+  p.add_argument("--tau", type=positive_float, default=100.0)
+  p.add_argument("--batch", type=positive_int, default=16)
+  p.add_argument("--seq-len", type=positive_int, default=64)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 
@@ -117,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for i in range(args.steps):
     params, opt_state, loss, ml = step(params, opt_state, *next(data))
     losses.append(float(loss))
+    check_finite(losses[-1], i, args.lr)
     max_logit = float(ml)
     if i % max(1, args.steps // 10) == 0 or i == args.steps - 1:
       print(f"step {i:4d}  loss {losses[-1]:.3f}  max logit {max_logit:.2f}", flush=True)

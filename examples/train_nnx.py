@@ -12,6 +12,7 @@ Run: ``python examples/train_nnx.py [--steps 300] [--tau 100] [--optimizer muonc
 from __future__ import annotations
 
 import argparse
+import math
 import sysconfig
 from pathlib import Path
 
@@ -129,18 +130,46 @@ def make_optimizer(name: str, lr: float, tau: float) -> optax.GradientTransforma
   return mc.muonclip(lr, tau=tau, weight_decay=0.1)
 
 
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (sizes, steps, intervals), refused at parse time."""
+  try:
+    value = int(text)
+  except ValueError:
+    value = 0
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return value
+
+
+def positive_float(text: str) -> float:
+  """argparse type: a finite number > 0 (learning rate, tau); ``nan`` is refused."""
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if not (math.isfinite(value) and value > 0):
+    raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+  return value
+
+
+def check_finite(loss: float, step: int, lr: float) -> None:
+  """Stops a run whose loss went NaN/inf: its max logits mean nothing (exit status 1)."""
+  if not math.isfinite(loss):
+    raise SystemExit(f"Diverged: the loss is {loss} at step {step}; lower --lr (was {lr:g}).")
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--lr", type=float, default=0.01)
-  p.add_argument("--tau", type=float, default=100.0)
-  p.add_argument("--batch", type=int, default=16)
-  p.add_argument("--seq-len", type=int, default=128)
-  p.add_argument("--d-model", type=int, default=128)
-  p.add_argument("--layers", type=int, default=4)
-  p.add_argument("--heads", type=int, default=4)
-  p.add_argument("--log-every", type=int, default=50)
+  p.add_argument("--steps", type=positive_int, default=300)
+  p.add_argument("--lr", type=positive_float, default=0.01)
+  p.add_argument("--tau", type=positive_float, default=100.0)
+  p.add_argument("--batch", type=positive_int, default=16)
+  p.add_argument("--seq-len", type=positive_int, default=128)
+  p.add_argument("--d-model", type=positive_int, default=128)
+  p.add_argument("--layers", type=positive_int, default=4)
+  p.add_argument("--heads", type=positive_int, default=4)
+  p.add_argument("--log-every", type=positive_int, default=50)
   args = p.parse_args(argv)
 
   model = Transformer(args.d_model, args.layers, args.heads, rngs=nnx.Rngs(0))
@@ -153,7 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if metrics:
       clipped, top = int(metrics["qk_clip/heads_clipped_total"]), max(
           top, float(metrics["qk_clip/max_logit"]))
-    if step % args.log_every == 0 or step == args.steps:
+    if step % args.log_every == 0 or step == args.steps:  # NaN stays NaN: checked here
+      check_finite(float(loss), step, args.lr)
       line = f"step {step:4d}  loss {float(loss):.3f}"
       if metrics:
         line += f"  max logit {float(metrics['qk_clip/max_logit']):.1f}  clipped {clipped}"

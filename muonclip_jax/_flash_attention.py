@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -56,18 +57,93 @@ Statistic = Literal["max", "logsumexp_upper_bound"]
 _SPLASH_BLOCK = 128
 
 
-def _pick(implementation: str, bias: Array | None, mask: Array | None) -> str:
-  """``"auto"``: the fastest kernel of this backend that supports the arguments."""
+def _choose(implementation: str, platform: str, device_kind: str, *, bias: Array | None,
+            mask: Array | None, ndim: int) -> str:
+  """The kernel to run: ``implementation``, or for ``"auto"`` the fastest of
+  ``platform`` (``jax.default_backend()``) that supports the arguments.
+
+  Pure (no device query), so the choice is testable on any machine. On TPU,
+  splash takes every sequence length (:func:`_splash_rows` pads to its
+  128-blocks and masks the pad keys); it needs ``[batch, seq, heads, depth]``
+  inputs, no bias, and no mask other than key padding, else XLA.
+  """
   if implementation != "auto":
     return implementation
-  platform = jax.default_backend()
-  if platform == "tpu" and bias is None and (mask is None or _key_padding(mask) is not None):
-    return "splash"
+  if platform == "tpu":
+    ok_mask = mask is None or _key_padding(mask) is not None
+    return "splash" if bias is None and ok_mask and ndim == 4 else "xla"
   if platform == "gpu":
-    kind = jax.devices()[0].device_kind.lower()
+    kind = device_kind.lower()
     return "mosaic_gpu" if any(s in kind for s in ("h100", "h200", "b200", "gb200")) \
         else "triton"
   return "xla"
+
+
+def _pick(implementation: str, bias: Array | None, mask: Array | None, ndim: int) -> str:
+  """:func:`_choose` on this process's backend."""
+  if implementation != "auto":
+    return implementation
+  platform = jax.default_backend()
+  kind = jax.devices()[0].device_kind if platform == "gpu" else ""
+  return _choose(implementation, platform, kind, bias=bias, mask=mask, ndim=ndim)
+
+
+def _check_soft_cap(logit_soft_cap: Any) -> float | None:
+  """``None``, or the soft-cap as a positive finite Python float."""
+  if logit_soft_cap is None:
+    return None
+  if isinstance(logit_soft_cap, jax.core.Tracer):
+    raise ValueError("flash_attention: logit_soft_cap must be a concrete number (the "
+                     "kernels take it as a static setting), got a traced value; pass it with "
+                     "functools.partial outside jax.jit, or use None to disable the soft-cap")
+  try:
+    cap = float(logit_soft_cap)
+  except (TypeError, ValueError):
+    raise ValueError(f"flash_attention: logit_soft_cap must be a positive finite float or "
+                     f"None, got {logit_soft_cap!r}") from None
+  if not math.isfinite(cap) or cap <= 0:
+    raise ValueError(f"flash_attention: logit_soft_cap must be a positive finite float "
+                     f"(logits become cap * tanh(logits / cap)), got {cap}; use None to "
+                     "disable the soft-cap")
+  return cap
+
+
+def _check_mask(mask: Any, query: Array, key: Array) -> Array | None:
+  """The mask as a boolean array of the query's rank, or a clear error.
+
+  Accepted: boolean (``True`` attends) or integer (nonzero attends, as
+  ``jnp.where`` reads it in Flax's attention), of shape ``[batch...,
+  num_heads, q_len, kv_len]`` with each axis the full size or 1. Float masks
+  are refused: an additive ``0 / -inf`` mask would read inverted.
+  """
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  target = query.shape[:-3] + (query.shape[-2], query.shape[-3], key.shape[-3])
+  layout = "[" + ", ".join(["batch"] * (query.ndim - 3) + ["num_heads", "q_len", "kv_len"]) + "]"
+  if jnp.issubdtype(mask.dtype, jnp.integer):
+    mask = mask != 0
+  elif mask.dtype != jnp.bool_:
+    raise ValueError(f"flash_attention: mask must be boolean (True attends) or integer 0/1, "
+                     f"got dtype {mask.dtype}; convert it (an additive 0/-inf mask: "
+                     "mask == 0), or pass an additive mask as bias")
+  if mask.ndim != len(target) or any(m not in (1, t) for m, t in zip(mask.shape, target)):
+    raise ValueError(f"flash_attention: mask of shape {tuple(mask.shape)} does not fit "
+                     f"{layout} = {target}: it needs rank {len(target)}, each axis 1 or the "
+                     f"full size. A key padding mask [batch, kv_len] is "
+                     "mask[:, None, None, :]")
+  return mask
+
+
+def _check_rank4(query: Array, implementation: str, reason: str) -> None:
+  """Splash and ``mesh=`` read ``[batch, seq_len, num_heads, head_dim]``."""
+  if query.ndim != 4:
+    raise ValueError(
+        f"flash_attention: {reason} needs query, key and value of rank 4, [batch, seq_len, "
+        f"num_heads, head_dim]; got query of shape {tuple(query.shape)} (rank {query.ndim}). "
+        "Add a batch axis (x[None]) or merge extra batch axes into one"
+        + (", or use implementation='xla', which takes any batch axes"
+           if implementation != "xla" else ""))
 
 
 def _key_padding(mask: Array) -> Array | None:
@@ -79,7 +155,7 @@ def _key_padding(mask: Array) -> Array | None:
 
 def _refuse(implementation: str, *, bias: Array | None, stats_include_bias: bool,
             dropout: bool, sinks: Array | None, max_logit_const: float | None,
-            mask: Array | None, flax_kwargs: dict[str, Any]) -> None:
+            flax_kwargs: dict[str, Any]) -> None:
   """Clear errors for what no kernel can give exactly (see the module docstring)."""
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"flash_attention: implementation must be one of {IMPLEMENTATIONS}, "
@@ -103,9 +179,6 @@ def _refuse(implementation: str, *, bias: Array | None, stats_include_bias: bool
                      "that, or use dot_product_attention")
   if implementation == "splash" and bias is not None:
     raise ValueError("flash_attention: the splash kernel takes no bias")
-  if implementation == "splash" and mask is not None and _key_padding(mask) is None:
-    raise ValueError("flash_attention: the splash kernel takes is_causal and key padding "
-                     "masks ([batch, 1, 1, kv_len]); other masks need implementation='xla'")
 
 
 def _tokamax_op(implementation: str) -> Any:
@@ -136,37 +209,50 @@ def _op_rows(query: Array, key: Array, value: Array, *, implementation: str,
 def _splash_rows(query: Array, key: Array, value: Array, *, mask: Array | None,
                  is_causal: bool, logit_soft_cap: float | None, interpret: bool
                  ) -> tuple[Array, Array]:
-  """Splash kernel per batch element: output and row maxima ``[B, H, T]``."""
+  """Splash kernel per batch element: output and row maxima ``[B, H, T]``.
+
+  The kernel works in blocks of 128 and needs lengths that are multiples of
+  them: shorter or uneven sequences are padded, the pad keys masked out (a
+  segment of their own) and the pad query rows dropped, so the output and the
+  row maxima are those of the unpadded inputs.
+  """
   tk = _tokamax.load()
   q_len, kv_len = query.shape[-3], key.shape[-3]
-  block_q, block_kv = min(_SPLASH_BLOCK, q_len), min(_SPLASH_BLOCK, kv_len)
+  q_pad, kv_pad = (-(-x // _SPLASH_BLOCK) * _SPLASH_BLOCK for x in (q_len, kv_len))
+  block = _SPLASH_BLOCK
   config = dataclasses.replace(
-      tk.splash.SplashConfig.get_default(), block_q=block_q, block_kv=block_kv,
-      block_kv_compute=block_kv, block_q_dkv=block_q, block_kv_dkv=block_kv,
-      block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv,
+      tk.splash.SplashConfig.get_default(), block_q=block, block_kv=block,
+      block_kv_compute=block, block_q_dkv=block, block_kv_dkv=block,
+      block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block,
       attn_logits_soft_cap=logit_soft_cap, interpret=interpret)
-  shape = (q_len, kv_len)
+  shape = (q_pad, kv_pad)
   kmask = (tk.splash_mask.CausalMask(shape) if is_causal else tk.splash_mask.FullMask(shape))
   kernel = tk.splash.make_splash_mha(kmask, config=config, save_residuals=True,
                                      q_seq_shards=1)
   scale = 1.0 / jnp.sqrt(query.shape[-1]).astype(query.dtype)  # the caller scales q
-  to_hd = lambda x: jnp.swapaxes(x, -3, -2)  # [B, T, H, D] -> [B, H, T, D]
-  padding = None if mask is None else _key_padding(mask)
+  batch = query.shape[0]
+  valid = None if mask is None else jnp.broadcast_to(_key_padding(mask), (batch, kv_len))
+  if kv_pad != kv_len:
+    valid = jnp.ones((batch, kv_len), bool) if valid is None else valid
+    valid = jnp.pad(valid, ((0, 0), (0, kv_pad - kv_len)))  # pad keys: masked
+  # [B, T, H, D] -> [B, H, T, D], the sequence padded to whole blocks.
+  to_hd = lambda x, n: jnp.swapaxes(jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))),
+                                    -3, -2)
 
-  def one(q, k, v, valid):
+  def one(q, k, v, keep):
     segments = None
-    if valid is not None:  # key padding: keys of segment 0 are masked for queries of 1
-      segments = tk.splash_base.SegmentIds(q=jnp.ones((q_len,), jnp.int32),
-                                           kv=valid.astype(jnp.int32))
+    if keep is not None:  # keys of segment 0 are masked for queries of segment 1
+      segments = tk.splash_base.SegmentIds(q=jnp.ones((q_pad,), jnp.int32),
+                                           kv=keep.astype(jnp.int32))
     out, stats = kernel(q, k, v, segments)
     return out, stats["max_logits"]
 
-  args = (to_hd(query * scale), to_hd(key), to_hd(value))
-  if padding is None:
+  args = (to_hd(query * scale, q_pad), to_hd(key, kv_pad), to_hd(value, kv_pad))
+  if valid is None:
     out, rows = jax.vmap(lambda q, k, v: one(q, k, v, None))(*args)
   else:
-    out, rows = jax.vmap(one)(*args, padding)
-  return jnp.swapaxes(out, -3, -2), rows
+    out, rows = jax.vmap(one)(*args, valid)
+  return jnp.swapaxes(out[..., :q_len, :], -3, -2), rows[..., :q_len]
 
 
 def _lse_rows(query: Array, key: Array, value: Array, *, bias: Array | None,
@@ -270,8 +356,11 @@ def flash_attention(
     value: ``[batch, kv_len, num_kv_heads, v_depth]``.
     bias: additive bias; the kernels add it before their max, so it needs
       ``stats_include_bias=True`` (not with ``"splash"``).
-    mask: boolean mask broadcastable to ``[batch, heads, q_len, kv_len]``
-      (``False`` is masked); ``"splash"`` takes key padding masks
+    mask: ``[batch, heads, q_len, kv_len]``, each axis the full size or 1
+      (a key padding mask ``[batch, kv_len]`` is ``mask[:, None, None, :]``);
+      boolean (``False`` is masked) or integer (nonzero attends, as in
+      Flax); float masks are refused (an additive ``0 / -inf`` mask would
+      read inverted). ``"splash"`` takes key padding masks
       ``[batch, 1, 1, kv_len]`` only.
     broadcast_dropout: Flax's argument; dropout is not supported.
     dropout_rng: Flax's argument; dropout is not supported.
@@ -283,13 +372,17 @@ def flash_attention(
     is_causal: causal mask (top-left aligned).
     implementation: ``"xla"`` (tokamax's XLA reference; any backend),
       ``"triton"`` / ``"mosaic_gpu"`` (NVIDIA; Mosaic needs sm90+),
-      ``"splash"`` (TPU), or ``"auto"``: splash on TPU (when no bias and a
-      supported mask), Mosaic GPU on H100/H200/B200, Triton on other GPUs,
+      ``"splash"`` (TPU; rank-4 inputs; any sequence length: it pads to its
+      128-blocks and masks the pad keys, so output and statistic are exact),
+      or ``"auto"``: splash on TPU (when no bias, a supported mask and rank-4
+      inputs, else XLA), Mosaic GPU on H100/H200/B200, Triton on other GPUs,
       XLA on CPU.
     interpret: run the splash kernel in Pallas interpret mode (CPU tests; the
       GPU kernels have no interpret path here).
     logit_soft_cap: ``cap * tanh(logits / cap)`` before the softmax; the
       statistic is inverted to before the cap (see the module docstring).
+      A positive finite Python number (static, not traced); ``None``
+      disables it.
     stats_include_bias: accept a statistic that includes ``bias``.
     statistic: ``"max"`` (the kernel's row max), or
       ``"logsumexp_upper_bound"``: ``jax.nn.dot_product_attention``'s
@@ -311,7 +404,10 @@ def flash_attention(
 
   Raises:
     ValueError: a configuration whose statistic no kernel gives exactly (see
-      the module docstring), an unknown implementation, bad shapes.
+      the module docstring), an unknown implementation, a soft-cap that is
+      not a positive finite number, a mask of another shape or a float mask,
+      inputs not of rank 4 for splash or ``mesh=`` (each message names the
+      argument and what it accepts).
     ImportError: tokamax missing or outside the supported range (the message
       says how to install the ``kernels`` extra).
 
@@ -322,16 +418,23 @@ def flash_attention(
   """
   _refuse(implementation, bias=bias, stats_include_bias=stats_include_bias,
           dropout=not deterministic and dropout_rate > 0.0, sinks=sinks,
-          max_logit_const=max_logit_const, mask=mask, flax_kwargs=flax_kwargs)
+          max_logit_const=max_logit_const, flax_kwargs=flax_kwargs)
+  logit_soft_cap = _check_soft_cap(logit_soft_cap)
   query, key, value = _check_qkv(query, key, value, dtype, flax_kwargs.get("promote_dtype"),
                                  None, None, None, None)
+  mask = _check_mask(mask, query, key)
   if statistic not in ("max", "logsumexp_upper_bound"):
     raise ValueError(f"flash_attention: statistic must be 'max' or 'logsumexp_upper_bound', "
                      f"got {statistic!r}")
-  impl = _pick(implementation, bias, mask)
+  impl = _pick(implementation, bias, mask, query.ndim)
+  if impl == "splash":
+    _check_rank4(query, implementation, "the splash kernel")
+  if mesh is not None:
+    _check_rank4(query, implementation, "mesh=")
   if impl == "splash" and mask is not None and _key_padding(mask) is None:
-    raise ValueError("flash_attention: the splash kernel takes is_causal and key padding "
-                     "masks ([batch, 1, 1, kv_len]); other masks need implementation='xla'")
+    raise ValueError(f"flash_attention: the splash kernel takes is_causal and key padding "
+                     f"masks ([batch, 1, 1, kv_len]), got a mask of shape "
+                     f"{tuple(mask.shape)}; other masks need implementation='xla'")
   fn = functools.partial(_attend, implementation=impl, statistic=statistic, bias=bias,
                          is_causal=is_causal, logit_soft_cap=logit_soft_cap,
                          precision=precision, interpret=interpret)
@@ -341,6 +444,8 @@ def flash_attention(
     if bias is not None:
       raise ValueError("flash_attention: bias with mesh= is not supported")
     padding = None if mask is None else _key_padding(mask)
+    if padding is not None:
+      padding = jnp.broadcast_to(padding, (query.shape[0], key.shape[-3]))
     if mask is not None and padding is None:
       raise ValueError("flash_attention: with mesh=, masks must be key padding "
                        "[batch, 1, 1, kv_len]")

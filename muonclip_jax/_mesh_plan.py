@@ -16,6 +16,11 @@ plan; this module only decides it):
    longest processing time first (Graham 1969), heaviest first onto the least
    loaded device (:func:`_place_leftovers`). A lone matrix is computed on
    every device instead when that does not load the busiest device more.
+   A pooled operand with fewer matrices than devices, whose gather back
+   would move more than twice its own bytes, is instead spread over some of
+   its replicated mesh axes and repeated over the others, or over none
+   (every device computes it; unsharded, nothing moves), whichever costs the
+   least FLOPs and bytes (:func:`_spread_axes`).
 3. **Level** (:func:`_level`). Each batch shard of a batch-sharded operand
    gives fewer of its matrices to the devices that got large pooled ones.
 4. **Lay out** (:func:`_layout`). Each device's matrices are padded with zero
@@ -36,6 +41,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -74,6 +80,11 @@ Axes = tuple[str, ...]
 ViewSpec = tuple[Axes, Axes, Axes]
 REPLICATED: ViewSpec = ((), (), ())
 MAX_BRANCHES = 32
+# Newton–Schulz FLOPs a device does in the time its collectives move one byte:
+# bf16 peak over interconnect bandwidth per chip, about 1e3 on TPU v5e/v5p
+# (197-459 TFLOP/s, 200-600 GB/s ICI) and 2e3 on H100 (989 TFLOP/s, 450 GB/s
+# NVLink). Only weighs spreading few matrices over many devices (_spread_axes).
+FLOPS_PER_BYTE = 1000
 
 
 class ArrayPlan(NamedTuple):
@@ -84,6 +95,10 @@ class ArrayPlan(NamedTuple):
   all-to-all per sharded matrix axis trades batch for rows/columns, leaving
   ``slots`` whole matrices per device; the way back is the reverse, then an
   all-gather over ``rep``. Devices are numbered in ``order = b + rep + r + c``.
+  Replicated axes listed in ``redundant`` take no slice: the devices along
+  them compute the same matrices (no gather over them); ``order`` then starts
+  with them, and device ``t`` computes what position ``t mod P`` does, ``P``
+  the devices of the other axes.
 
   Attributes:
     rows: rows of the wide (``rows <= cols``) matrix.
@@ -95,7 +110,8 @@ class ArrayPlan(NamedTuple):
     transposed: per member, whether it is tall and enters transposed.
     cells: for an unsharded batch (``b == ()``), the layout: per position,
       ``(member, index)`` of a matrix or ``None`` for a zero pad; device
-      ``t`` (in ``order``) gets positions ``[t * slots, (t + 1) * slots)``.
+      ``t`` (in ``order``) gets positions ``[u * slots, (u + 1) * slots)``,
+      ``u = t mod (len(cells) // slots)``.
       ``None`` for batch-sharded members: their local blocks are joined on
       each device in member order; device ``t`` of each batch shard (``m``
       devices) gets the next ``counts[t]`` of them, padded to ``slots``.
@@ -105,6 +121,9 @@ class ArrayPlan(NamedTuple):
     replicated: a single matrix, gathered whole on every device (all-gather
       over ``r`` and ``c``) and computed there; each keeps its own shard of the
       result, so nothing is sent back.
+    redundant: replicated mesh axes over which the work is repeated instead
+      of spread (:func:`_spread_axes`): fewer bytes gathered when the
+      operand has fewer matrices than devices.
   """
 
   rows: int
@@ -119,6 +138,7 @@ class ArrayPlan(NamedTuple):
   counts: tuple[int, ...]
   flops: int
   replicated: bool = False
+  redundant: Axes = ()
 
   @property
   def count(self) -> int:
@@ -130,7 +150,11 @@ class ArrayPlan(NamedTuple):
   @property
   def padding(self) -> int:
     """Zero matrices added to fill the layout."""
-    return 0 if self.replicated else self.slots * len(self.counts) - self.count
+    if self.replicated:
+      return 0
+    if self.cells is not None:
+      return len(self.cells) - self.count
+    return self.slots * len(self.counts) - self.count
 
 
 class MeshPlan(NamedTuple):
@@ -179,6 +203,7 @@ class _Pool(NamedTuple):
   flops: int
   mats: tuple[tuple[int, int], ...]  # (member position, batch index)
   quota: int  # matrices every device gets before the leftovers
+  redundant: Axes = ()  # replicated axes the work is repeated over (not spread)
 
 
 def ns_flops(rows: int, cols: int, ns: NSOptions) -> int:
@@ -214,6 +239,60 @@ def _numbering(order: Axes, sizes: Mapping[str, int]) -> list[int]:
   for coords in itertools.product(*(range(sizes[a]) for a in names)):
     out.append(sum(stride[a] * x for a, x in zip(names, coords, strict=True)))
   return out
+
+
+def _spread_cost(count: int, bytes_: int, flops: int, spec: ViewSpec, dist: Axes,
+                 sizes: Mapping[str, int]) -> tuple[float, int]:
+  """``(cost, moved bytes)`` per device of spreading ``count`` matrices over the
+  devices of ``dist + r + c`` (each matrix ``bytes_``), repeated over the rest.
+
+  The collectives of :func:`operand_collectives` with ``slots = ceil(count /
+  positions)``; the cost is ``slots * flops / FLOPS_PER_BYTE + moved``.
+  """
+  _, r, c = spec
+  slots = -(-count // axes_size(dist + r + c, sizes))
+  block = slots * bytes_
+  moved = 2 * sum(block * (axes_size(x, sizes) - 1) // axes_size(x, sizes) for x in (r, c) if x)
+  moved += block * (axes_size(dist, sizes) - 1)
+  return slots * flops / FLOPS_PER_BYTE + moved, moved
+
+
+def _spread_axes(count: int, rows: int, cols: int, dtype: Any, spec: ViewSpec, flops: int,
+                 sizes: Mapping[str, int]) -> Axes | None:
+  """Replicated axes over which to repeat a pooled operand instead of spreading it.
+
+  Spread over every device, an operand of fewer matrices than devices is
+  padded to one per device, and the gather back moves ``devices x matrix``
+  bytes (64 GiB per device for 4 MiB of matrices on 65,536 devices). When
+  that is more than twice the operand's own bytes, the cheapest of: spread
+  over a subset of the replicated axes and repeat over the others (none:
+  every device computes every matrix, and an unsharded operand moves
+  nothing), or, for one matrix, gather it whole on every device
+  (``replicated``); cost ``FLOPs / FLOPS_PER_BYTE + bytes moved`` per device.
+
+  Returns:
+    ``()`` to spread over every device (the default placement), the axes to
+    repeat over, or ``None`` for the gathered-whole mode.
+  """
+  b, r, c = spec
+  rep = tuple(a for a in sizes if a not in b + r + c)
+  bytes_ = rows * cols * jnp.dtype(dtype).itemsize
+  _, moved = _spread_cost(count, bytes_, flops, spec, rep, sizes)
+  if b or not rep or moved <= 2 * count * bytes_:
+    return ()
+  options: list[tuple[float, int, Axes | None]] = []
+  if count == 1:
+    whole = [bytes_ // axes_size(c, sizes) * (axes_size(r, sizes) - 1) // axes_size(r, sizes),
+             bytes_ * (axes_size(c, sizes) - 1) // axes_size(c, sizes)]
+    gathered = sum(x for x, on in zip(whole, (r, c), strict=True) if on)
+    options.append((flops / FLOPS_PER_BYTE + gathered, gathered, None))
+  subsets = itertools.chain.from_iterable(
+      itertools.combinations(rep, k) for k in range(len(rep), -1, -1))
+  for dist in subsets:
+    cost, moved = _spread_cost(count, bytes_, flops, spec, dist, sizes)
+    options.append((cost, moved, tuple(a for a in rep if a not in dist)))
+  best = min(range(len(options)), key=lambda i: (options[i][0], options[i][1], i))
+  return options[best][2]
 
 
 def _group_operands(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
@@ -312,39 +391,73 @@ def _level(stay: _Stay, load: Sequence[float], sizes: Mapping[str, int]) -> tupl
   return slots, counts
 
 
+def _positions(pool: _Pool, sizes: Mapping[str, int]) -> int:
+  """Devices a pooled operand is spread over (all but its ``redundant`` axes)."""
+  return axes_size(tuple(sizes), sizes) // axes_size(pool.redundant, sizes)
+
+
+def _repeated_counts(pool: _Pool, sizes: Mapping[str, int]) -> list[int]:
+  """Per position of an operand repeated over axes: its matrices, round robin."""
+  m = _positions(pool, sizes)
+  q, rem = divmod(len(pool.mats), m)
+  return [q + (t < rem) for t in range(m)]
+
+
 def _place(stays: Sequence[_Stay], pooled: Mapping[tuple[Any, ...], list[int]],
            shapes: Sequence[tuple[int, int, int]], sizes: Mapping[str, int],
            ns: NSOptions) -> tuple[list[_Pool], list[tuple[int, int, int, int]], set[int],
                                    list[tuple[int, list[int]]]]:
   """Step 2: pooled matrices by LPT, then batch-sharded ones levelled around them.
 
-  The pools are placed on top of the batch-sharded operands' average load; then
-  each batch-sharded operand (heaviest first) gives fewer matrices to the
-  positions that got large pooled ones (:func:`_level`).
+  A pool with fewer matrices than devices may instead be repeated over some
+  replicated axes, or gathered whole on every device (:func:`_spread_axes`);
+  the rest are placed on top of the batch-sharded operands' average load and
+  of the repeated ones; then each batch-sharded operand (heaviest first) gives
+  fewer matrices to the positions that got large pooled ones (:func:`_level`).
   """
   axes = tuple(sizes)
   n = axes_size(axes, sizes)
   average = sum(x.local * axes_size(x.spec[0], sizes) * x.flops for x in stays) / n
-  base = [average] * n
+  fixed_load = [0.0] * n  # per device (mesh order): the repeated pools
   pools, leftovers = [], []
+  replicated: set[int] = set()
+  decided: set[int] = set()
+  uniform = 0.0
   for (rows, cols, dt, spec), members in pooled.items():
     mats = tuple((j, k) for j, i in enumerate(members) for k in range(shapes[i][0]))
     flops = ns_flops(rows, cols, ns)
+    redundant = _spread_axes(len(mats), rows, cols, dt, spec, flops, sizes)
+    if redundant is None:  # one matrix, gathered whole on every device
+      replicated.add(len(pools))
+      decided.add(len(pools))
+      pools.append(_Pool(rows, cols, jnp.dtype(dt), spec, _order(spec, axes),
+                         tuple(members), flops, mats, 0))
+      continue
+    if redundant:  # repeated over these axes, spread round robin over the others
+      order = redundant + _order(spec, tuple(a for a in axes if a not in redundant))
+      pool = _Pool(rows, cols, jnp.dtype(dt), spec, order, tuple(members), flops, mats, 0,
+                   redundant)
+      counts = _repeated_counts(pool, sizes)
+      for p, t in enumerate(_numbering(order, sizes)):
+        fixed_load[p] += counts[t % len(counts)] * flops
+      decided.add(len(pools))
+      pools.append(pool)
+      continue
     quota = len(mats) // n
-    base = [x + quota * flops for x in base]
+    uniform += quota * flops
     leftovers += [(flops, len(pools), j, k) for j, k in mats[n * quota:]]
     pools.append(_Pool(rows, cols, jnp.dtype(dt), spec, _order(spec, axes), tuple(members),
                        flops, mats, quota))
-  replicated: set[int] = set()
+  base = [average + uniform + x for x in fixed_load]
   placed, busiest = _place_leftovers(base, pools, leftovers, replicated)
-  lone = sorted((d for d, x in enumerate(pools) if len(x.mats) == 1), key=lambda d: -pools[d].flops)
+  lone = sorted((d for d, x in enumerate(pools) if len(x.mats) == 1 and d not in decided),
+                key=lambda d: -pools[d].flops)
   for d in lone:
     trial, cost = _place_leftovers(base, pools, leftovers, replicated | {d})
     if cost <= busiest:
       replicated.add(d)
       placed, busiest = trial, cost
-  load = [float(sum(x.quota * x.flops for x in pools)
-                + sum(pools[d].flops for d in replicated))] * n
+  load = [uniform + sum(pools[d].flops for d in replicated) + x for x in fixed_load]
   for d, _, _, p in placed:
     load[p] += pools[d].flops
   levels = []
@@ -374,6 +487,18 @@ def _layout(pools: Sequence[_Pool], placed: Sequence[tuple[int, int, int, int]],
       arrays.append(ArrayPlan(pool.rows, pool.cols, pool.dtype, pool.spec, pool.order,
                               pool.members, transposed, (pool.mats[0],), 1, (1,) * n,
                               pool.flops, True))
+      continue
+    if pool.redundant:  # position t: the next counts[t] matrices
+      counts = _repeated_counts(pool, sizes)
+      slots = max(counts)
+      starts = list(itertools.accumulate([0] + counts))
+      cells = []
+      for t, k in enumerate(counts):
+        cells += list(pool.mats[starts[t]:starts[t] + k]) + [None] * (slots - k)
+      arrays.append(ArrayPlan(pool.rows, pool.cols, pool.dtype, pool.spec, pool.order,
+                              pool.members, transposed, tuple(cells), slots,
+                              tuple(counts[t % len(counts)] for t in range(n)), pool.flops,
+                              redundant=pool.redundant))
       continue
     q = pool.quota
     per_device = [list(pool.mats[t * q:(t + 1) * q]) for t in range(n)]
@@ -505,8 +630,8 @@ def operand_collectives(a: ArrayPlan, sizes: Mapping[str, int]) -> list[Collecti
     if c:
       out.append(Collective("all-gather", axes_size(c, sizes), a.rows * a.cols * item))
     return out
-  rep = tuple(x for x in sizes if x not in b + r + c)
-  per_shard = a.slots * (n // axes_size(b, sizes))
+  rep = tuple(x for x in sizes if x not in b + r + c + a.redundant)
+  per_shard = a.slots * (n // axes_size(b + a.redundant, sizes))
   block = (per_shard // axes_size(rep, sizes)) * a.rows * a.cols * item
   block //= axes_size(r + c, sizes)
   trades = [Collective("all-to-all", axes_size(x, sizes), block) for x in (r, c) if x]
@@ -610,10 +735,12 @@ def _describe(a: ArrayPlan, axes: Axes, known: bool) -> str:
     gather = f"all-gather over {','.join(r + c)}; " if r + c else ""
     return (("gathered (sharding unknown); " if not known else "") + gather
             + "computed on every device, nothing sent back")
-  rep = tuple(x for x in axes if x not in b + r + c)
+  rep = tuple(x for x in axes if x not in b + r + c + a.redundant)
   steps = []
   if not known:
     steps.append("gathered (sharding unknown)")
+  if a.redundant:
+    steps.append(f"repeated over {','.join(a.redundant)}")
   if rep:
     steps.append(f"slice over {','.join(rep)}")
   if r:
@@ -621,6 +748,8 @@ def _describe(a: ArrayPlan, axes: Axes, known: bool) -> str:
   if c:
     steps.append(f"all-to-all cols<->batch over {','.join(c)}")
   back = " + all-gather back" if rep else ""
+  if a.redundant and not (rep or r or c):
+    return "; ".join(steps) + ": computed on every device, nothing moved"
   return ("; ".join(steps) + back) if steps else "local (stacked axis on the mesh)"
 
 
@@ -660,17 +789,36 @@ def _format(plan: MuonShardingPlan) -> str:
 
 
 def mesh_axis_sizes(mesh: Any) -> dict[str, int]:
-  """Axis name -> size of a ``Mesh``, an ``AbstractMesh`` or a mapping."""
+  """Axis name -> size of a ``Mesh``, an ``AbstractMesh`` or a mapping.
+
+  Raises:
+    TypeError: ``mesh`` is none of these.
+    ValueError: an axis size is not a positive integer (named with its axis).
+  """
   if isinstance(mesh, Mapping):
-    sizes = {str(k): int(v) for k, v in mesh.items()}
+    raw = {str(k): v for k, v in mesh.items()}
   elif hasattr(mesh, "axis_names") and hasattr(mesh, "shape"):
-    sizes = {str(k): int(v) for k, v in dict(mesh.shape).items()}
+    raw = {str(k): v for k, v in dict(mesh.shape).items()}
   else:
     raise TypeError("mesh: expected a jax.sharding.Mesh, an AbstractMesh or a mapping of "
                     f"axis name to size, got {type(mesh).__name__}")
-  if not sizes or any(v < 1 for v in sizes.values()):
-    raise ValueError(f"mesh: axis sizes must be positive, got {sizes}")
-  return sizes
+  if not raw:
+    raise ValueError("mesh: no axes; give at least one axis name and its size")
+  for name, v in raw.items():
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+      raise ValueError(f"mesh: axis {name!r} has size {v!r}; axis sizes must be positive "
+                       f"integers (the number of devices along the axis)")
+  return {k: int(v) for k, v in raw.items()}
+
+
+def _check_leaves(flat: Sequence[tuple[Any, Any]]) -> None:
+  """Every leaf has a shape and a dtype (an array or a ``jax.ShapeDtypeStruct``)."""
+  for p, x in flat:
+    if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+      raise ValueError(
+          f"{path_str(p)}: expected an array or a jax.ShapeDtypeStruct leaf (with shape and "
+          f"dtype), got {type(x).__name__} {x!r:.40}; wrap Python scalars with jnp.asarray, "
+          "and keep non-array values out of the parameter tree")
 
 
 def _leaf_spec(x: Any, sizes: Mapping[str, int]) -> P | None:
@@ -711,8 +859,10 @@ def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
 
   Raises:
     TypeError: ``mesh`` is not a mesh or a mapping.
-    ValueError: a leaf is sharded on another mesh, a Muon leaf has rank < 2,
-      or the errors of the routing (naming the parameter path).
+    ValueError: an axis size is not a positive integer (naming the axis), a
+      leaf is not an array or ``ShapeDtypeStruct``, is sharded on another
+      mesh, or is a Muon leaf of rank < 2, or the errors of the routing
+      (naming the parameter path).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -729,6 +879,7 @@ def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
   dims_fn = dimension_numbers_fn(dimension_numbers)
   ns = NSOptions(resolve_coefficients(coeffs, steps), None, check_method(method), None, 1e-7)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
+  _check_leaves(flat)
   labels = jax.tree.leaves(resolve_labels(params, param_labels))
   views, dtypes, vspecs, rows = [], [], [], []
   for (p, x), label in zip(flat, labels, strict=True):

@@ -34,7 +34,12 @@ device, and each device computes only its real matrices (one
 :func:`jax.lax.switch` branch per pattern of counts; XLA's cost analysis
 counts the heaviest branch). An operand of one matrix is gathered whole on
 every device and computed there, if that does not load the busiest device
-more: same time, and nothing to send back.
+more: same time, and nothing to send back. An operand of fewer matrices than
+devices is not padded to one per device when the gather back would move more
+than twice its own bytes: it is spread over only some of the replicated mesh
+axes and computed again along the others (on all of them, for unsharded
+matrices: every device computes them and nothing moves), whichever costs
+least in FLOPs and bytes (:func:`muonclip_jax._mesh_plan._spread_axes`).
 
 :mod:`muonclip_jax._mesh_plan` decides the placement from shapes alone;
 :func:`muonclip_jax.plan_muon_sharding` shows it (and its cost) for a tree.
@@ -190,8 +195,9 @@ class MeshOrthogonalizer:
     # Batch-sharded members are joined on device (no communication); position
     # t of the batch shard gets the next counts[t] matrices, padded to slots.
     x = xs[0] if len(xs) == 1 else jnp.concatenate(xs)
-    rep = tuple(ax for ax in self.axes if ax not in b + r + c)
-    m = self.n // axes_size(b, self.sizes)
+    # Axes in a.redundant take no slice: their devices repeat the same work.
+    rep = tuple(ax for ax in self.axes if ax not in b + r + c + a.redundant)
+    m = self.n // axes_size(b + a.redundant, self.sizes)
     per_shard = a.slots * m
     if a.cells is None and x.shape[0] < per_shard:
       x = _spread(x, a.counts[:m], a.slots)

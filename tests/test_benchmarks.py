@@ -5,7 +5,14 @@ import math
 
 import numpy as np
 
-from benchmarks import logit_explosion, muon_step, newton_schulz, scale_plan, token_efficiency
+from benchmarks import (
+    bad_inputs,
+    logit_explosion,
+    muon_step,
+    newton_schulz,
+    scale_plan,
+    token_efficiency,
+)
 from muonclip_jax._newton_schulz import choose_method
 
 
@@ -56,3 +63,19 @@ def _numbers(tree):
       yield from _numbers(v)
   elif isinstance(tree, (int, float)) and not isinstance(tree, bool):
     yield float(tree)
+
+
+def test_bad_inputs_classifies_each_row_and_survives_a_crash(monkeypatch):
+  """The planner and soft-cap rows (fast): clear errors; a row whose check crashes is
+  reported as not run, and the rows after it still run."""
+  def crash():
+    raise RuntimeError("boom")
+  monkeypatch.setattr(bad_inputs, "plan_mesh_size", crash)
+  results = bad_inputs.run(["plan_muon_sharding", "logit_soft_cap"])
+  outcomes = {(r.call, r.bad_input): r.outcome for r in results}
+  assert outcomes.pop(("plan_muon_sharding", "mesh {'x': 2.7}")) == bad_inputs.NOT_RUN
+  assert len(outcomes) == 6 and set(outcomes.values()) == {bad_inputs.CLEAR}, results
+  assert bad_inputs.totals(results) == (
+      "tried 6, clear error 6, right answer 0, silent 0, lost 0, not run 1")
+  text = bad_inputs.markdown(results)
+  assert "| call | bad input | outcome | what happened |" in text and "**not run**" in text

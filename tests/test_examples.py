@@ -289,3 +289,62 @@ def test_linen_step_clips_to_tau() -> None:
 def test_cli_rejects_inconsistent_multi_process_flags(flags: list[str], message: str) -> None:
   with pytest.raises(SystemExit, match=message):
     train_lm.main(flags)
+
+
+TINY_CLI = ["--steps", "6", "--batch", "4", "--seq-len", "16", "--d-model", "32",
+            "--layers", "1", "--heads", "2", "--eval-every", "2", "--eval-batches", "1",
+            "--max-bytes", "65536", "--no-progress"]
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--lr", "nan", "a finite number > 0"), ("--lr", "inf", "a finite number > 0"),
+    ("--lr", "0", "a finite number > 0"), ("--lr", "-0.1", "a finite number > 0"),
+    ("--tau", "nan", "a finite number > 0"), ("--weight-decay", "nan", "a finite number >= 0"),
+    ("--seq-len", "0", "an integer >= 1"), ("--batch", "-4", "an integer >= 1"),
+    ("--d-model", "0", "an integer >= 1"), ("--steps", "0", "an integer >= 1"),
+    ("--ckpt-every", "0", "an integer >= 1"), ("--eval-every", "0", "an integer >= 1"),
+])
+def test_cli_refuses_bad_numbers_when_parsing(flag, value, expected, tmp_path, capsys,
+                                              monkeypatch) -> None:
+  """Refused by argparse (exit status 2), before any model is built or step run."""
+  monkeypatch.setattr(lm, "Trainer", None)  # reaching training would raise TypeError
+  with pytest.raises(SystemExit) as e:
+    train_lm.main(TINY_CLI + ["--ckpt-dir", str(tmp_path / "ck"), flag, value])
+  assert e.value.code == 2
+  assert f"argument {flag}: expected {expected}, got" in capsys.readouterr().err
+  assert not (tmp_path / "ck").exists()
+
+
+def test_cli_says_a_diverged_run_diverged_and_exits_1(tmp_path, capsys) -> None:
+  """A NaN loss ends with 'Diverged', not 'max logit ... stayed below tau', exit 1, and
+  no checkpoint of the NaN state."""
+  with pytest.raises(SystemExit) as e:
+    train_lm.main(TINY_CLI + ["--lr", "1e30", "--ckpt-dir", str(tmp_path / "ck"),
+                              "--ckpt-every", "1", "--out", str(tmp_path / "out")])
+  assert e.value.code == 1
+  out = capsys.readouterr().out
+  last = out.strip().splitlines()[-1]
+  assert last.startswith("Diverged: the loss or a max logit became non-finite") and \
+      "stayed below" not in out
+  doc = json.loads((tmp_path / "out" / "metrics.json").read_text())
+  bad = doc["summary"]["diverged_at_step"]
+  losses = doc["metrics"]["loss"]
+  assert not np.isfinite(losses[-1]) or not np.all(np.isfinite(doc["metrics"]["max_logit"][-1]))
+  assert len(losses) == bad + 1 and np.all(np.isfinite(losses[:bad]))  # stopped there
+  saved = sorted(int(p.name) for p in (tmp_path / "ck").iterdir() if p.name.isdigit())
+  assert saved and max(saved) <= bad  # steps 1..bad: the states before the NaN
+
+
+@pytest.mark.parametrize("script", ["train_nnx", "train_linen"])
+def test_examples_refuse_bad_numbers_and_stop_on_nan(script, capsys) -> None:
+  module = {"train_nnx": train_nnx, "train_linen": train_linen}[script]
+  for flag, value in (("--lr", "nan"), ("--seq-len", "0"), ("--steps", "-1")):
+    with pytest.raises(SystemExit) as e:
+      module.main([flag, value])
+    assert e.value.code == 2 and f"argument {flag}: expected" in capsys.readouterr().err
+  tiny = ["--steps", "4", "--batch", "4", "--seq-len", "16", "--lr", "1e30"]
+  if script == "train_nnx":
+    tiny += ["--d-model", "32", "--layers", "1", "--heads", "2", "--log-every", "1"]
+  with pytest.raises(SystemExit, match=r"^Diverged: the loss is nan at step \d+; lower --lr"):
+    module.main(tiny)
+  assert "stayed below" not in capsys.readouterr().out

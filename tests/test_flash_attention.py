@@ -235,3 +235,95 @@ def test_context_parallel_statistic_is_the_max_over_sequence_shards(qkv):
   first = sown(functools.partial(mc.flash_attention, implementation="xla"),
                q[:, : T // 4], k, v)[1]
   assert np.any(first < got)
+
+
+# -- bad input: a clear error naming the argument, or the right answer ---------------
+
+
+@pytest.mark.parametrize("cap", [0.0, -1.0, float("inf"), float("nan")])
+def test_logit_soft_cap_must_be_positive_and_finite(cap, qkv):
+  q, k, v = qkv
+  with pytest.raises(ValueError, match=r"logit_soft_cap must be a positive finite float.*"
+                                       r"None to disable"):
+    mc.flash_attention(q, k, v, implementation="xla", logit_soft_cap=cap)
+
+
+def test_logit_soft_cap_traced_is_refused_with_the_fix(qkv):
+  q, k, v = qkv
+  fa = lambda cap: mc.flash_attention(q, k, v, implementation="xla", logit_soft_cap=cap)
+  with pytest.raises(ValueError, match=r"logit_soft_cap must be a concrete number.*partial"):
+    jax.jit(fa)(5.0)
+  # A concrete numpy/jax scalar is a number: accepted, same as the float.
+  np.testing.assert_array_equal(fa(np.float32(5.0)), fa(5.0))
+
+
+@pytest.mark.parametrize("q_len, kv_len, causal", [(64, 64, True), (100, 200, False)])
+def test_splash_pads_short_and_uneven_sequences_exactly(q_len, kv_len, causal):
+  """Splash works in 128-blocks: shorter or uneven lengths are padded, the pad keys
+  masked; output and statistic equal those of the unpadded attention."""
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.standard_normal((2, q_len, 2, D)) * 2, jnp.float32)
+  k = jnp.asarray(rng.standard_normal((2, kv_len, 2, D)) * 2, jnp.float32)
+  v = jnp.asarray(rng.standard_normal((2, kv_len, 2, D)), jnp.float32)
+  mask, valid = None, None
+  if not causal:  # and a key padding mask on top of the pad keys
+    valid = jnp.arange(kv_len)[None, :] < jnp.array([[kv_len], [kv_len - 37]])
+    mask = valid[:, None, None, :]
+  fa = functools.partial(mc.flash_attention, is_causal=causal, implementation="splash",
+                         interpret=True)
+  out, stat = sown(fa, q, k, v, mask)
+  np.testing.assert_allclose(stat, brute_max(q, k, causal=causal, valid=valid), rtol=1e-3)
+  want = mc.dot_product_attention(q, k, v, mask=mask, is_causal=causal)
+  np.testing.assert_allclose(out, want, atol=2e-5, rtol=1e-4)
+
+
+def test_auto_picks_a_kernel_that_takes_the_arguments():
+  from muonclip_jax._flash_attention import _choose
+  pad = jnp.ones((B, 1, 1, T), bool)
+  pick = lambda platform, kind="", **kw: _choose("auto", platform, kind, **{
+      "bias": None, "mask": None, "ndim": 4, **kw})
+  assert pick("tpu") == "splash" and pick("tpu", mask=pad) == "splash"  # any length (padded)
+  assert pick("tpu", mask=jnp.ones((B, H, T, T), bool)) == "xla"
+  assert pick("tpu", bias=jnp.zeros((1, 1, T, T))) == "xla"
+  assert pick("tpu", ndim=3) == "xla" and pick("tpu", ndim=5) == "xla"
+  assert pick("gpu", "NVIDIA H100 80GB HBM3") == "mosaic_gpu"
+  assert pick("gpu", "NVIDIA A100-SXM4-40GB") == "triton"
+  assert pick("cpu") == "xla"
+  assert _choose("splash", "cpu", "", bias=None, mask=None, ndim=4) == "splash"
+
+
+@pytest.mark.parametrize("impl", ["xla", "splash"])
+@pytest.mark.parametrize("mask_shape, match", [
+    ((B, T), r"mask of shape \(2, 256\) does not fit \[batch, num_heads, q_len, kv_len\].*"
+             r"mask\[:, None, None, :\]"),
+    ((3, 1, 1, T), r"mask of shape \(3, 1, 1, 256\) does not fit .*\(2, 4, 256, 256\)"),
+])
+def test_mask_of_a_wrong_shape_names_the_shapes(impl, mask_shape, match, qkv):
+  q, k, v = qkv
+  with pytest.raises(ValueError, match=match):
+    mc.flash_attention(q, k, v, mask=jnp.ones(mask_shape, bool), implementation=impl,
+                       interpret=True)
+
+
+def test_integer_masks_read_as_flax_does_and_float_masks_are_refused(qkv):
+  q, k, v = qkv
+  valid = jnp.arange(T)[None, :] < jnp.array([[T], [T // 2]])
+  fa = functools.partial(mc.flash_attention, implementation="xla")
+  out, stat = sown(fa, q, k, v, valid[:, None, None, :])
+  out_i, stat_i = sown(fa, q, k, v, valid[:, None, None, :].astype(jnp.int32))
+  np.testing.assert_array_equal(out_i, out)
+  np.testing.assert_array_equal(stat_i, stat)
+  with pytest.raises(ValueError, match=r"mask must be boolean .* got dtype float32"):
+    fa(q, k, v, mask=jnp.where(valid, 0.0, -jnp.inf)[:, None, None, :])
+
+
+@pytest.mark.parametrize("rank", [3, 5])
+def test_splash_needs_rank_4_and_says_so(rank, qkv):
+  q, k, v = qkv
+  if rank == 3:
+    q, k, v = q[0], k[0], v[0]
+  else:
+    q, k, v = q[None], k[None], v[None]
+  with pytest.raises(ValueError, match=r"query, key and value of rank 4, \[batch, seq_len, "
+                                       rf"num_heads, head_dim\]; got query of shape .*rank {rank}"):
+    mc.flash_attention(q, k, v, implementation="splash", interpret=True)

@@ -185,6 +185,34 @@ def test_mesh_update_equals_single_device_and_meets_hlo_budgets(case):
   assert plan.busiest_flops <= heaviest
 
 
+# Fewer unsharded matrices than devices: spread over one axis and repeated over
+# the other (a: over model, b: over data), or computed on every device (c).
+REPEATED = {**{f"a{i}": ((256, 256), P()) for i in range(3)},
+            **{f"b{i}": ((192, 192), P()) for i in range(2)},
+            **{f"c{i}": ((64, 256), P()) for i in range(3)}}
+
+
+def test_repeated_operands_compile_as_planned_and_equal_single_device():
+  mesh = mesh24()
+  params, specs = tree(REPEATED)
+  sharded = jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), params, specs)
+  grads = jax.tree.map(lambda x: x * 0.5 + 0.1, sharded)
+  tx, ref_tx = mc.scale_by_muon(mesh=mesh), mc.scale_by_muon()
+  state = tx.init(sharded)
+  step = jax.jit(tx.update)
+  u, _ = step(grads, state, sharded)
+  ref_u, _ = jax.jit(ref_tx.update)(jax.tree.map(lambda x: x * 0.5 + 0.1, params),
+                                    ref_tx.init(params), params)
+  chex.assert_trees_all_close(u, ref_u, atol=ATOL, rtol=0)
+  plan = mc.plan_muon_sharding(sharded, mesh, param_labels={k: "muon" for k in params})
+  assert sorted(a.redundant for a in plan.mesh_plan.arrays) == [
+      ("data",), ("data", "model"), ("model",)]
+  stats = collective_stats(step.lower(grads, state, sharded).compile().as_text())
+  assert plan.collective_counts == {k: v for k, v in stats.counts.items() if v}
+  assert plan.collective_bytes == {k: v for k, v in stats.bytes.items() if v}
+  assert plan.moved_bytes <= 2 * sum(x.nbytes for x in jax.tree.leaves(params))
+
+
 def test_stacked_layer_axis_on_the_mesh_needs_no_collective():
   mesh, _, sharded, grads, _ = _setup("stacked_16")
   tx = mc.scale_by_muon(mesh=mesh)
@@ -340,23 +368,58 @@ def test_plan_places_every_matrix_once_within_bounds(counts, axes):
   plan = plan_mesh(shapes, [jnp.float32] * len(shapes), None, axes, NS)
   n = math.prod(axes.values())
   seen = []
+  spread_bound = 0  # FLOPs of the spread operands, each padded to a multiple of n
   for a in plan.arrays:
     if a.replicated:  # one matrix, computed by every device
       assert len(a.cells) == 1 and a.counts == (1,) * n
       seen.append((a.members[a.cells[0][0]], a.cells[0][1]))
+      spread_bound += a.flops
       continue
-    assert len(a.cells) == a.slots * n
+    # Repeated over a.redundant: a position per device of the other axes.
+    positions = n // math.prod(axes[x] for x in a.redundant)
+    assert len(a.cells) == a.slots * positions
     for t in range(n):
-      block = a.cells[t * a.slots:(t + 1) * a.slots]
+      u = t % positions
+      block = a.cells[u * a.slots:(u + 1) * a.slots]
       real = [c for c in block if c is not None]
       assert len(real) == a.counts[t] and block[:len(real)] == tuple(real)  # pads last
     seen += [(a.members[j], k) for j, k in (c for c in a.cells if c is not None)]
+    spread_bound += -(-a.count // positions) * a.flops
+    # Repeating is chosen only when spreading over every device would gather
+    # more than twice the operand's bytes (here: fewer matrices than devices).
+    if a.redundant:
+      assert a.count < n and 2 * a.count * a.rows * a.cols * 4 < n * a.rows * a.cols * 4
   assert sorted(seen) == sorted((i, k) for i, s in enumerate(shapes) for k in range(s[0]))
-  assert plan.total_flops / n <= plan.per_device_flops
-  pad_bound = sum(-(-a.count // n) * a.flops for a in plan.arrays)
-  assert plan.per_device_flops <= pad_bound
+  assert plan.total_flops / n <= plan.per_device_flops <= spread_bound
   if all(c % n == 0 for c in counts):
     assert plan.per_device_flops == plan.total_flops // n
+
+
+@pytest.mark.parametrize("sizes", [{"x": 65536}, {"data": 256, "fsdp": 256},
+                                   {"data": 64, "fsdp": 32, "tp": 32}])
+def test_few_matrices_on_many_devices_move_at_most_twice_their_bytes(sizes):
+  """65,536 devices, a handful of unsharded matrices: spread one per device, the
+  gather back would move 65,536 x a matrix per device (64 GiB for these 4 MiB)."""
+  mesh = jax.sharding.AbstractMesh(tuple(sizes.values()), tuple(sizes))
+  shapes = [(512, 512), (512, 512), (512, 1024), (256, 512), (1024, 1024)]
+  params = {f"w{i}": jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, P()))
+            for i, s in enumerate(shapes)}
+  labels = {k: "muon" for k in params}
+  plan = mc.plan_muon_sharding(params, mesh, param_labels=labels)
+  total = sum(4 * r * c for r, c in shapes)
+  assert plan.moved_bytes <= 2 * total, (plan.moved_bytes, total)
+  placed = sorted((a.members[j], k) for a in plan.mesh_plan.arrays
+                  for j, k in (c for c in a.cells if c is not None))
+  assert placed == [(i, 0) for i in range(len(shapes))]
+  # What spreading them one per device would have moved: 65,536 matrices' bytes.
+  assert "computed on every device, nothing moved" in str(plan)
+
+
+def test_as_many_matrices_as_devices_are_still_spread():
+  params = {f"w{i}": jax.ShapeDtypeStruct((512, 512), jnp.float32) for i in range(16)}
+  plan = mc.plan_muon_sharding(params, {"x": 8}, param_labels={k: "muon" for k in params})
+  (a,) = plan.mesh_plan.arrays
+  assert a.redundant == () and a.slots == 2 and plan.flops_ratio == 1.0
 
 
 def test_view_spec():
@@ -443,3 +506,19 @@ def test_orthogonalizer_without_specs_is_correct():
   got = jax.jit(lambda ms: orth(ms, NS))(mats)
   want = jax.jit(lambda ms: Orthogonalizer()(ms, NS))(mats)  # one compile, not per op
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("size", [2.7, 0, -2, "2", True, 2.0])
+def test_plan_refuses_axis_sizes_that_are_not_positive_integers(size):
+  w = {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32)}
+  with pytest.raises(ValueError, match=rf"mesh: axis 'x' has size {size!r}; axis sizes must "
+                                       r"be positive integers"):
+    mc.plan_muon_sharding(w, {"data": 2, "x": size})
+
+
+@pytest.mark.parametrize("leaf", [1.5, "relu", 3])
+def test_plan_names_the_path_of_a_leaf_that_is_not_an_array(leaf):
+  params = {"layer": {"w": jax.ShapeDtypeStruct((64, 64), jnp.float32), "act": leaf}}
+  with pytest.raises(ValueError, match=r"^layer/act: expected an array or a "
+                                       r"jax.ShapeDtypeStruct leaf .*jnp.asarray"):
+    mc.plan_muon_sharding(params, {"x": 2})
