@@ -605,8 +605,8 @@ def restore_checkpoint(manager: MuonClipCheckpointManager, params_like: Any,
     step: the step; ``None`` for the newest.
     verify: check the step against its manifest first
       (:func:`verify_checkpoint`: every file present, of the saved size and
-      SHA-256, which reads the whole step once). With ``False`` none of that
-      is checked: a truncated file, a deleted file or a missing manifest may
+      SHA-256, which reads the whole step once). ``verify=False`` skips all of
+      that: a truncated file, a deleted file or a missing manifest may
       still make Orbax fail, but changed contents (a flipped byte in a chunk
       without a checksum) are restored as they are, without any error, and a
       failure is never recognised as damage. The target check above still runs.
