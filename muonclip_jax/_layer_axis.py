@@ -62,8 +62,12 @@ def check_layer_axis(layer_axis: Any) -> LayerAxisLike:
         raise ValueError(f"layer_axis[{prefix!r}]: expected the layer axis as an int, got {k!r}")
       out["/".join(c for c in prefix.split("/") if c)] = k
     return out
+  hint = ""
+  if hasattr(layer_axis, "dtype"):
+    hint = ("; under optax.inject_hyperparams pass static_args=('layer_axis',), since the "
+            "layer axis is part of the program, not a hyperparameter")
   raise ValueError(f"layer_axis: expected None, an int (MaxText: config.param_scan_axis) or a "
-                   f"mapping of path prefix to int, got {layer_axis!r}")
+                   f"mapping of path prefix to int, got {layer_axis!r}{hint}")
 
 
 def _in_container(components: list[str]) -> bool:

@@ -14,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -480,3 +481,16 @@ def test_report_table_lists_every_leaf_with_its_rule():
   assert "Gemma q_einsum (N, D, H): whole D x N*H projection" in text
   assert "name: embedding 'embedder'" in text
   assert "! layer_0/mlp/gating_einsum: orientation" in text
+
+
+def test_layer_axis_under_inject_hyperparams_needs_static_args():
+  params = {"decoder": {"layers": {"mlp": {"kernel": jnp.ones((4, 3, 5))}}}}
+  with pytest.raises(ValueError, match=r"static_args=\('layer_axis',\)"):
+    optax.inject_hyperparams(mc.muon)(learning_rate=0.1, layer_axis=1).init(params)
+  tx = optax.inject_hyperparams(mc.muon, static_args=("layer_axis",))(
+      learning_rate=0.1, layer_axis=1)
+  ref = mc.muon(0.1, layer_axis=1)
+  u, _ = tx.update(params, tx.init(params), params)
+  r, _ = ref.update(params, ref.init(params), params)
+  np.testing.assert_allclose(u["decoder"]["layers"]["mlp"]["kernel"],
+                             r["decoder"]["layers"]["mlp"]["kernel"], atol=1e-7)
