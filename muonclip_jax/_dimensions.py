@@ -216,6 +216,8 @@ def _layout(comps: list[str], rank: int, per_head: bool, declared: bool, in_cont
     return lead(view, 3)
 
   if rank == 2:
+    if leaf == "linear" and _under_mlp(comps[:-1]):  # '...H,HF->...F'
+      return _View((), (0,), (1,), "Gemma mlp/linear (F, D)")
     if _OUT.match(module) and under_mlp:
       return _View((), (0,), (1,), f"MLP output {module} (F, D)")
     return _View((), (0,), (1,), "(in, out)")

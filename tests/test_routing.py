@@ -480,6 +480,7 @@ def test_report_table_lists_every_leaf_with_its_rule():
     assert any(f" {path} " in line for line in lines), path
   assert "Gemma q_einsum (N, D, H): whole D x N*H projection" in text
   assert "name: embedding 'embedder'" in text
+  assert "Gemma mlp/linear (F, D)" in text
   assert "! layer_0/mlp/gating_einsum: orientation" in text
 
 
