@@ -20,6 +20,9 @@ it is declared with ``layer_axis``:
 * a mapping ``{path_prefix: k}``: the layer axis is axis ``k`` of every leaf
   whose path starts with ``path_prefix`` (whole components, ``'/'``-joined, as
   :func:`muonclip_jax.muon_routing` prints them); other leaves are unstacked.
+  The empty mapping ``{}`` declares that nothing is stacked, so every axis of
+  a leaf belongs to its layout (for instance MaxText's unscanned fused
+  ``mlp/wi`` kernel ``(embed, 2, mlp)``).
 
 ``k`` may be negative (counted from the end of the stacked shape).
 """

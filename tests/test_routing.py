@@ -495,3 +495,14 @@ def test_layer_axis_under_inject_hyperparams_needs_static_args():
   r, _ = ref.update(params, ref.init(params), params)
   np.testing.assert_allclose(u["decoder"]["layers"]["mlp"]["kernel"],
                              r["decoder"]["layers"]["mlp"]["kernel"], atol=1e-7)
+
+
+def test_empty_layer_axis_declares_nothing_is_stacked():
+  # MaxText fused_mlp, unscanned: mlp/wi is (embed, num_activations, mlp) (layers/linears.py).
+  shapes = {"decoder": {"layers_0": {"mlp": {"wi": {"kernel": jax.ShapeDtypeStruct(
+      (D, 2, F), jnp.float32)}}}}}
+  guessed = mc.muon_routing(shapes).leaves[0]
+  assert guessed.flags and "fused" in guessed.flags[0]
+  leaf = mc.muon_routing(shapes, layer_axis={}).leaves[0]
+  assert (leaf.batch_axes, leaf.fan_in_axes, leaf.fan_out_axes, leaf.flags) == (
+      (1,), (0,), (2,), ())
