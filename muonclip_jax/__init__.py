@@ -4,7 +4,8 @@ Data flow, one module each: momentum (``_momentum``) -> orthogonalise
 (``_newton_schulz``; on a mesh ``_mesh_plan`` + ``_sharding``) -> scale
 (``_shape_scaling``) -> decay and learning rate (``_muon``, through optax) ->
 QK-Clip (``_qk_clip``, its telemetry ``_qk_clip_metrics``). Parameter names:
-``_paths``.
+``_paths``; which leaves Muon takes and how it views them: ``_routing``,
+``_dimensions``, ``_layer_axis``, printed by ``_routing_report``.
 """
 
 from muonclip_jax._attention import (
@@ -48,6 +49,7 @@ from muonclip_jax._qk_layouts import (
   separate_qk,
 )
 from muonclip_jax._routing import default_label, default_param_labels
+from muonclip_jax._routing_report import MuonRouting, RoutedLeaf, muon_routing
 from muonclip_jax._sharding import mesh_orthogonalizer, muon_sharding_summary
 
 __all__ = [
@@ -69,9 +71,11 @@ __all__ = [
     "mesh_orthogonalizer",
     "mla",
     "muon",
+    "muon_routing",
     "muon_sharding_summary",
     "muonclip",
     "MuonDimensionNumbers",
+    "MuonRouting",
     "MuonShardingPlan",
     "NSConfig",
     "orthogonalize",
@@ -87,6 +91,7 @@ __all__ = [
     "resolve_coefficients",
     "restore_checkpoint",
     "restore_latest_valid",
+    "RoutedLeaf",
     "save_checkpoint",
     "scale_by_muon",
     "ScaleByMuonState",

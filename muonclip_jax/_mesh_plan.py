@@ -685,7 +685,8 @@ def _leaf_spec(x: Any, sizes: Mapping[str, int]) -> P | None:
 
 
 def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
-                       param_labels: Any = None, coeffs: CoeffsLike = "keller",
+                       param_labels: Any = None, layer_axis: Any = None,
+                       per_head: bool = False, coeffs: CoeffsLike = "keller",
                        steps: int | None = None, method: str = "auto",
                        switch: bool = True) -> MuonShardingPlan:
   """Plans ``muon(..., mesh=mesh)`` for a parameter tree, without devices.
@@ -700,6 +701,8 @@ def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
     dimension_numbers: as for :func:`muonclip_jax.scale_by_muon`.
     param_labels: as for :func:`muonclip_jax.muon` (default routing); AdamW
       leaves are listed and cost nothing here.
+    layer_axis: as for :func:`muonclip_jax.muon`.
+    per_head: as for :func:`muonclip_jax.muon`.
     coeffs: Newton–Schulz preset or coefficients (for the FLOP counts).
     steps: Newton–Schulz steps (default: the preset's).
     method: ``"auto"``, ``"standard"`` or ``"gram"``.
@@ -726,10 +729,10 @@ def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
     (1.0, {'all-to-all': 2})
   """
   sizes = mesh_axis_sizes(mesh)
-  dims_fn = dimension_numbers_fn(dimension_numbers)
+  dims_fn = dimension_numbers_fn(dimension_numbers, layer_axis=layer_axis, per_head=per_head)
   ns = NSOptions(resolve_coefficients(coeffs, steps), None, check_method(method), None, 1e-7)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
-  labels = jax.tree.leaves(resolve_labels(params, param_labels))
+  labels = jax.tree.leaves(resolve_labels(params, param_labels, layer_axis=layer_axis))
   views, dtypes, vspecs, rows = [], [], [], []
   for (p, x), label in zip(flat, labels, strict=True):
     path, shape, spec = path_str(p), tuple(x.shape), _leaf_spec(x, sizes)

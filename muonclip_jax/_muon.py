@@ -22,10 +22,12 @@ from optax.contrib import MuonDimensionNumbers
 from muonclip_jax._coefficients import CoeffsLike, resolve_coefficients
 from muonclip_jax._dimensions import (
   DimensionNumbersLike,
-  dimension_numbers_fn,
+  DimensionRule,
+  dimension_rules_fn,
   fan_in_out,
   matrix_view,
 )
+from muonclip_jax._layer_axis import LayerAxisLike, check_layer_axis, check_layer_axis_used
 from muonclip_jax._momentum import momentum_step
 from muonclip_jax._newton_schulz import (
   NSOptions,
@@ -73,6 +75,32 @@ def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensi
   return plans
 
 
+def check_orientations(tree: Any, rules_fn: Callable[[str, tuple[int, ...]], DimensionRule],
+                       scaling: str) -> None:
+  """Refuses a leaf whose fan-in/fan-out could be swapped where the scaling would differ.
+
+  Only ``"keller"`` scaling (``sqrt(max(1, fan_out / fan_in))``) depends on
+  which side is fan-in; Newton–Schulz and ``"rms"`` do not.
+
+  Raises:
+    ValueError: naming the path, the two readings and the fix.
+  """
+  if scaling != "keller":
+    return
+  for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    path, shape = path_str(p), tuple(x.shape)
+    rule = rules_fn(path, shape)
+    if rule.orientation_known:
+      continue
+    fi, fo = fan_in_out(path, shape, rule.dims)
+    if fi != fo:
+      raise ValueError(
+          f"{path}: shape_scaling='keller' depends on which side is fan-in, and the "
+          f"orientation of shape {shape} cannot be told from its name ({rule.ambiguity}); "
+          f"declare it with dimension_numbers={{...: MuonDimensionNumbers(reduction_axis=..., "
+          f"output_axis=...)}} for this path, or use shape_scaling='rms'")
+
+
 def scale_by_muon(
     beta: jax.typing.ArrayLike = 0.95,
     *,
@@ -87,6 +115,8 @@ def scale_by_muon(
     rms_scale: jax.typing.ArrayLike = 0.2,
     mu_dtype: jax.typing.DTypeLike | None = None,
     dimension_numbers: DimensionNumbersLike = None,
+    layer_axis: LayerAxisLike = None,
+    per_head: bool = False,
     mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformation:
   r"""Momentum, Newton–Schulz orthogonalisation and shape scaling.
@@ -115,6 +145,15 @@ def scale_by_muon(
       :class:`MuonDimensionNumbers` for all, a tree of them (``None`` leaves
       take the default), or a callable ``(path, shape) -> dims | None``.
       Default: :func:`muonclip_jax.default_dimension_numbers`.
+    layer_axis: where scanned stacks keep their layer axis, a batch axis of
+      every matrix: ``None`` (leading, Flax's default), an int for the leaves
+      under MaxText's scanned containers (``layers``, ``dense_layers``,
+      ``moe_layers``, ...; MaxText: ``config.param_scan_axis``), or a mapping
+      ``{path_prefix: axis}``. Used by the default dimension numbers; refused
+      if it applies to no leaf.
+    per_head: orthogonalise head-factored attention kernels (Gemma's einsums,
+      ``DenseGeneral`` q/k/v/out) one head at a time instead of as the whole
+      projection (the default, as in Moonlight and Kimi K2).
     mesh: a :class:`jax.sharding.Mesh`; Newton–Schulz then runs device-local
       (see :mod:`muonclip_jax._sharding`). It may span the devices of several
       JAX processes (``jax.distributed``): every process builds the same
@@ -125,8 +164,10 @@ def scale_by_muon(
     An ``optax.GradientTransformation`` with state :class:`ScaleByMuonState`.
 
   Raises:
-    ValueError: an unknown preset, method or shape scaling; at ``init``, a
-      parameter of rank < 2 (naming its path).
+    ValueError: an unknown preset, method or shape scaling, a malformed
+      ``layer_axis``; at ``init``, a parameter of rank < 2, a ``layer_axis``
+      that applies to no parameter, or (``"keller"`` scaling) a non-square
+      leaf whose orientation cannot be told from its name (naming its path).
 
   References:
     Jordan et al., `Muon: An optimizer for hidden layers in neural networks
@@ -143,12 +184,17 @@ def scale_by_muon(
       eps=eps,  # May be an array under optax.inject_hyperparams.
   )
   scaling = check_shape_scaling(shape_scaling)
-  dims_fn = dimension_numbers_fn(dimension_numbers)
+  layer_axis = check_layer_axis(layer_axis)
+  rules_fn = dimension_rules_fn(dimension_numbers, layer_axis=layer_axis, per_head=per_head)
+  dims_fn = lambda path, shape: rules_fn(path, shape).dims
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
   orthogonalizer = Orthogonalizer() if mesh is None else mesh_orthogonalizer(mesh)
 
   def init_fn(params):
     plan_leaves(params, dims_fn)  # Fail early, naming the path, on bad shapes.
+    check_layer_axis_used(
+        (path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]), layer_axis)
+    check_orientations(params, rules_fn, scaling)
     orthogonalizer.record(params)  # Output shardings for AxisType.Auto meshes.
     return ScaleByMuonState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
@@ -205,6 +251,8 @@ def muon(
     adam_eps: jax.typing.ArrayLike = 1e-8,
     param_labels: Any | Callable[[optax.Params], Any] | None = None,
     dimension_numbers: DimensionNumbersLike = None,
+    layer_axis: LayerAxisLike = None,
+    per_head: bool = False,
     mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformation:
   r"""Muon for hidden matrices, AdamW for the rest (Moonlight / Kimi K2).
@@ -218,6 +266,9 @@ def muon(
   head, norms, biases and every parameter of rank < 2 to AdamW, everything
   else to Muon. ``param_labels`` overrides it: a tree of ``"muon"``/``"adamw"``
   strings with the parameters' structure, or a callable ``params -> tree``.
+  :func:`muonclip_jax.muon_routing` prints what goes where, the matrix view of
+  each Muon leaf and the rule that chose it; call it with the same
+  ``param_labels``, ``dimension_numbers``, ``layer_axis`` and ``per_head``.
 
   Works under ``optax.inject_hyperparams`` (for instance
   ``inject_hyperparams(muon)(learning_rate=sched, weight_decay=0.1)``); pass
@@ -245,6 +296,10 @@ def muon(
     adam_eps: AdamW's epsilon.
     param_labels: routing override (see above).
     dimension_numbers: fan-in/fan-out axes per leaf (see :func:`scale_by_muon`).
+    layer_axis: the layer axis of scanned stacks (see :func:`scale_by_muon`);
+      a stacked vector counts as a vector for the routing.
+    per_head: per-head orthogonalisation of attention kernels (see
+      :func:`scale_by_muon`).
     mesh: run Newton–Schulz device-local on this mesh (see :func:`scale_by_muon`).
 
   Returns:
@@ -286,7 +341,8 @@ def muon(
       scale_by_muon(beta, nesterov=nesterov, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype,
                     method=method, restarts=restarts, eps=eps, shape_scaling=shape_scaling,
                     rms_scale=rms_scale, mu_dtype=mu_dtype,
-                    dimension_numbers=dimension_numbers, mesh=mesh),
+                    dimension_numbers=dimension_numbers, layer_axis=layer_axis,
+                    per_head=per_head, mesh=mesh),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -294,5 +350,5 @@ def muon(
                         weight_decay=weight_decay, mask=weight_decay_mask, mu_dtype=mu_dtype)
   return optax.partition(
       {MUON: muon_tx, ADAMW: adam_tx},
-      lambda params: resolve_labels(params, param_labels),
+      lambda params: resolve_labels(params, param_labels, layer_axis=layer_axis),
   )

@@ -21,6 +21,7 @@ import optax
 
 from muonclip_jax._coefficients import CoeffsLike
 from muonclip_jax._dimensions import DimensionNumbersLike
+from muonclip_jax._layer_axis import LayerAxisLike
 from muonclip_jax._muon import muon
 from muonclip_jax._qk_clip import LayoutsLike, Schedule, qk_clip
 from muonclip_jax._qk_layouts import GQASharing
@@ -56,6 +57,8 @@ def muonclip(
     adam_eps: jax.typing.ArrayLike = 1e-8,
     param_labels: Any | Callable[[optax.Params], Any] | None = None,
     dimension_numbers: DimensionNumbersLike = None,
+    layer_axis: LayerAxisLike = None,
+    per_head: bool = False,
     mesh: jax.sharding.Mesh | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MuonClip (Kimi K2, arXiv 2507.20534): ``chain(muon(...), qk_clip(...))``.
@@ -106,6 +109,10 @@ def muonclip(
     adam_eps: AdamW's epsilon.
     param_labels: routing override (see :func:`muonclip_jax.muon`).
     dimension_numbers: fan-in/fan-out axes per leaf (see :func:`muonclip_jax.scale_by_muon`).
+    layer_axis: the layer axis of scanned stacks, for Muon's routing (see
+      :func:`muonclip_jax.scale_by_muon`; MaxText: ``config.param_scan_axis``).
+    per_head: per-head orthogonalisation of attention kernels (see
+      :func:`muonclip_jax.scale_by_muon`).
     mesh: device-local Newton–Schulz on this mesh (see :func:`muonclip_jax.scale_by_muon`).
 
   Returns:
@@ -128,7 +135,7 @@ def muonclip(
       restarts=restarts, eps=eps, shape_scaling=shape_scaling, rms_scale=rms_scale,
       mu_dtype=mu_dtype, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
       adam_b2=adam_b2, adam_eps=adam_eps, param_labels=param_labels,
-      dimension_numbers=dimension_numbers, mesh=mesh)
+      dimension_numbers=dimension_numbers, layer_axis=layer_axis, per_head=per_head, mesh=mesh)
   if every_k_schedule is not None:
     inner = optax.MultiSteps(inner, every_k_schedule).gradient_transformation()
   return optax.chain(

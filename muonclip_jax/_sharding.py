@@ -381,7 +381,8 @@ def mesh_orthogonalizer(mesh: Mesh, switch: bool = True) -> MeshOrthogonalizer:
 
 
 def muon_sharding_summary(params: Any, mesh: Any, dimension_numbers: Any = None, *,
-                          param_labels: Any = None, coeffs: Any = "keller",
+                          param_labels: Any = None, layer_axis: Any = None,
+                          per_head: bool = False, coeffs: Any = "keller",
                           steps: int | None = None, method: str = "auto",
                           switch: bool = True) -> str:
   """A printable table of how ``muon(..., mesh=mesh)`` orthogonalises each leaf.
@@ -394,6 +395,8 @@ def muon_sharding_summary(params: Any, mesh: Any, dimension_numbers: Any = None,
     mesh: a ``Mesh``, an ``AbstractMesh`` or a mapping of axis sizes.
     dimension_numbers: as for :func:`muonclip_jax.scale_by_muon`.
     param_labels: as for :func:`muonclip_jax.muon`.
+    layer_axis: as for :func:`muonclip_jax.muon`.
+    per_head: as for :func:`muonclip_jax.muon`.
     coeffs: Newton–Schulz preset or coefficients (for the FLOP counts).
     steps: Newton–Schulz steps.
     method: ``"auto"``, ``"standard"`` or ``"gram"``.
@@ -406,4 +409,5 @@ def muon_sharding_summary(params: Any, mesh: Any, dimension_numbers: Any = None,
     moves, devices computing it and pad slots; then the operands.
   """
   return str(plan_muon_sharding(params, mesh, dimension_numbers, param_labels=param_labels,
-                                coeffs=coeffs, steps=steps, method=method, switch=switch))
+                                layer_axis=layer_axis, per_head=per_head, coeffs=coeffs,
+                                steps=steps, method=method, switch=switch))
