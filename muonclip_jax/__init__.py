@@ -34,6 +34,7 @@ from muonclip_jax._equinox import (
 )
 from muonclip_jax._flash_attention import flash_attention
 from muonclip_jax._gemma import gemma_layouts, gemma_max_logits
+from muonclip_jax._maxtext import maxtext_record_max_logits
 from muonclip_jax._mesh_plan import MuonShardingPlan, plan_muon_sharding
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
 from muonclip_jax._muonclip import muonclip
@@ -86,6 +87,7 @@ __all__ = [
     "MaxLogitMultiHeadDotProductAttention",
     "MaxLogitsTape",
     "maxtext_layouts",
+    "maxtext_record_max_logits",
     "mesh_orthogonalizer",
     "mla",
     "muon",
