@@ -46,7 +46,19 @@ Collecting the statistics:
 * NNX: ``y, stats = nnx.capture(model, nnx.Intermediate)(x)`` (preferred), or
   call the model and ``stats = nnx.pop(model, nnx.Intermediate)``. Without
   ``nnx.capture`` the statistic is stored on the module and max-reduced with
-  the previous call's value until popped, so pop it every step.
+  the previous call's value until popped, so pop it every step. A model that
+  *assigns* an ``nnx.Intermediate`` attribute instead of calling ``sow``
+  (MaxText's ``record_max_logits``) is invisible to ``nnx.capture`` (it returns
+  ``{}``): use ``nnx.pop``.
+* Equinox, PyTorch-style or plain JAX: return :func:`head_max_logits` from the
+  forward pass and pass ``{'path/to/attention': {'max_logits': value}}``.
+
+The statistics contract (what :func:`muonclip_jax.qk_clip` accepts): one
+``max_logits`` per attention layer, at the path of the module that owns the
+query/key parameters or of a parameter-less child of it (MaxText's
+``attention_op``), shaped ``[layers..., batch..., heads]``: the scanned layer
+axes first (as a scan stacks them), then any batch axes (max-reduced), then
+the query heads.
 """
 
 from __future__ import annotations
@@ -94,8 +106,13 @@ def sow_max_logits(module: Any, max_logits: Array, *, name: str = MAX_LOGITS) ->
   if isinstance(module, nnx.Module):
     return module.sow(nnx.Intermediate, name, value, init_fn=_neg_inf_like(value),
                       reduce_fn=jnp.maximum)
-  raise TypeError(f"sow_max_logits: expected a flax linen or nnx Module, got "
-                  f"{type(module).__name__}")
+  raise TypeError(
+      f"sow_max_logits: expected a flax linen or nnx Module, got {type(module).__name__}. "
+      f"Frameworks without intermediates (Equinox, PyTorch-style or plain JAX code) return "
+      f"the statistic instead: compute muonclip_jax.head_max_logits(logits, mask=mask) in "
+      f"the forward pass, return it next to the output, and pass "
+      f"max_logits={{'path/to/attention': {{'max_logits': value}}}} to update, the path "
+      f"being that of the module holding the query/key parameters in the parameter tree.")
 
 
 def head_max_logits(logits: Array, *, mask: Array | None = None,

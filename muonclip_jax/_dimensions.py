@@ -88,6 +88,7 @@ _OUT = re.compile(r"^(out|o|wo|o_proj|out_proj|attn_out|c_proj_attn|dense_out|ou
 # An ancestor that makes ``wo``/``out`` an MLP output: mlp, mlp_global, ffn, ffw,
 # feed_forward, MoeBlock_0, experts, ...
 _MLP = re.compile(r"mlp|ffn|ffw|feed_?forward|moe|expert")
+_ATTN = re.compile(r"attn|attention")
 _CONV = re.compile(r"conv", re.IGNORECASE)
 # Gemma (gemma 3.3.0, gm/nn/_modules.py): Attention's Einsum modules and FeedForward's
 # gating einsum (a leaf of the MLP through nn.share_scope).
@@ -150,13 +151,24 @@ def _leading(view: _View, base_rank: int, rank: int, declared: bool, in_containe
                f"{view.rule}, leading batch", amb, view.orientation_known)
 
 
+def _under_mlp(ancestors: list[str]) -> bool:
+  """Whether the nearest ancestor that is an attention or an MLP block is an MLP
+  (``moe_layers/self_attention/out`` is an attention output)."""
+  for c in reversed(ancestors):
+    if _ATTN.search(c):
+      return False
+    if _MLP.search(c):
+      return True
+  return False
+
+
 def _layout(comps: list[str], rank: int, per_head: bool, declared: bool, in_container: bool
             ) -> _View:
   """The view of an unstacked (or undeclared-stack) leaf, from its names (``comps``)."""
   leaf = comps[-1] if comps else ""
   module = comps[-2] if len(comps) >= 2 else ""
   ancestors = comps[:-1]
-  under_mlp = any(_MLP.search(c) for c in comps[:-2])
+  under_mlp = _under_mlp(comps[:-2])
   lead = lambda view, base: _leading(view, base, rank, declared, in_container)
 
   # Gemma's hand-written einsums (gemma 3.3.0, gm/nn/_modules.py).
@@ -204,10 +216,14 @@ def _layout(comps: list[str], rank: int, per_head: bool, declared: bool, in_cont
     return lead(view, 3)
 
   if rank == 2:
+    if leaf == "linear" and _under_mlp(comps[:-1]):  # '...H,HF->...F'
+      return _View((), (0,), (1,), "Gemma mlp/linear (F, D)")
     if _OUT.match(module) and under_mlp:
       return _View((), (0,), (1,), f"MLP output {module} (F, D)")
     return _View((), (0,), (1,), "(in, out)")
-  experts = any(("moe" in c or "expert" in c) for c in comps)
+  # MaxText's RoutedMoE keeps its experts as leaves of MoeBlock_0 (wi_0, wi_1, wo), not in a
+  # Dense 'kernel'; a shared expert's MLP is an ordinary Dense.
+  experts = any(("moe" in c or "expert" in c) and "shared" not in c for c in comps[-2:])
   if experts and rank == 3:
     return _View((0,), (1,), (2,), "experts (E, in, out)")
   what = f"MLP output {module}" if _OUT.match(module) and under_mlp else "(in, out)"

@@ -20,6 +20,9 @@ it is declared with ``layer_axis``:
 * a mapping ``{path_prefix: k}``: the layer axis is axis ``k`` of every leaf
   whose path starts with ``path_prefix`` (whole components, ``'/'``-joined, as
   :func:`muonclip_jax.muon_routing` prints them); other leaves are unstacked.
+  The empty mapping ``{}`` declares that nothing is stacked, so every axis of
+  a leaf belongs to its layout (for instance MaxText's unscanned fused
+  ``mlp/wi`` kernel ``(embed, 2, mlp)``).
 
 ``k`` may be negative (counted from the end of the stacked shape).
 """
@@ -62,8 +65,12 @@ def check_layer_axis(layer_axis: Any) -> LayerAxisLike:
         raise ValueError(f"layer_axis[{prefix!r}]: expected the layer axis as an int, got {k!r}")
       out["/".join(c for c in prefix.split("/") if c)] = k
     return out
+  hint = ""
+  if hasattr(layer_axis, "dtype"):
+    hint = ("; under optax.inject_hyperparams pass static_args=('layer_axis',), since the "
+            "layer axis is part of the program, not a hyperparameter")
   raise ValueError(f"layer_axis: expected None, an int (MaxText: config.param_scan_axis) or a "
-                   f"mapping of path prefix to int, got {layer_axis!r}")
+                   f"mapping of path prefix to int, got {layer_axis!r}{hint}")
 
 
 def _in_container(components: list[str]) -> bool:

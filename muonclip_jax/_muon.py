@@ -272,7 +272,8 @@ def muon(
 
   Works under ``optax.inject_hyperparams`` (for instance
   ``inject_hyperparams(muon)(learning_rate=sched, weight_decay=0.1)``); pass
-  ``static_args=("steps",)`` there if you set ``steps``.
+  ``static_args=("steps",)`` there if you set ``steps``, and
+  ``("layer_axis",)`` if you set an int ``layer_axis``.
 
   Args:
     learning_rate: scalar or schedule for the Muon branch.

@@ -67,6 +67,8 @@ statistics. Either
 from __future__ import annotations
 
 import fnmatch
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -347,6 +349,33 @@ def _empty_stats_error(max_logits: Any, layers: Mapping[Path, Layer]) -> ValueEr
       f"the attention layers {known} would go unclipped. {PRODUCER_HINT}")
 
 
+_QK_NORM_NAME = re.compile(r"^_*(q|query|k|key)_?(norm|ln|layernorm|rmsnorm|layer_norm)$")
+
+
+def qk_norm_bypassed(layers: Mapping[Path, Layer],
+                     shapes: Mapping[Path, tuple[int, ...]]) -> dict[str, list[str]]:
+  """Layers whose layout scales projections while a QK-norm sits beside them.
+
+  A norm of ``q``/``k`` after the projection cancels any scaling of ``W_q``,
+  ``W_k``: such a clip would count heads as clipped and change no logit. Found
+  by name (children called ``q_norm``, ``_query_norm``, ``key_ln``, ... holding
+  parameters that the layout leaves alone); MLA layouts are exempt (DeepSeek's
+  ``q_norm``/``kv_norm`` act on the latents, before the clipped up-projections).
+  """
+  out: dict[str, list[str]] = {}
+  for m, layer in layers.items():
+    if any(t.spec.role == "query_rope" for t in layer.targets):
+      continue
+    clipped = {t.param for t in layer.targets}
+    norms = sorted({p[len(m)] for p in shapes
+                    if len(p) > len(m) + 1 and p[:len(m)] == m
+                    and _QK_NORM_NAME.match(p[len(m)].lower())})
+    norms = [n for n in norms if not any(c[:len(m) + 1] == m + (n,) for c in clipped)]
+    if norms:
+      out[show_path(m)] = norms
+  return out
+
+
 def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: LayoutsLike,
                      shapes: Mapping[Path, tuple[int, ...]]) -> ValueError:
   hint = ""
@@ -595,8 +624,12 @@ def qk_clip(
 
   ``stats`` is what Flax returns: linen's ``'intermediates'`` collection (from
   ``mutable=['intermediates']``) or NNX's ``State`` of ``nnx.Intermediate``
-  (``nnx.capture`` / ``nnx.pop``); each ``max_logits`` entry is matched to the
-  attention parameters at the same module path.
+  (``nnx.capture`` / ``nnx.pop``), or a plain dict built by hand-written code;
+  each ``max_logits`` entry is matched to the attention parameters at the same
+  module path, or, when sown on a module that holds no parameters (MaxText's
+  ``attention_op``), at its nearest ancestor that holds parameters. Its shape is
+  ``[layers..., batch..., heads]``: the layer (scan) axes of the parameters
+  first, then any batch axes (max-reduced), then the query heads.
 
   Args:
     tau: the logit bound (K2: 100; 30 in their small ablation). Must be
@@ -668,6 +701,11 @@ def qk_clip(
     raise ValueError(f"qk_clip: gqa_alpha must be in [0, 1], got {gqa_alpha}")
   schedule = _as_schedule(every_k_schedule)
 
+  def _shapes(params: Any) -> dict[Path, tuple[int, ...]]:
+    leaves, _ = leaves_with_paths(params)
+    cut = _param_prefix([p for p, _ in leaves])
+    return {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
+
   def find_layers(params: Any) -> tuple[dict[Path, Layer], int]:
     leaves, _ = leaves_with_paths(params)
     paths = [p for p, _ in leaves]
@@ -680,6 +718,15 @@ def qk_clip(
 
   def init_fn(params: optax.Params) -> QKClipState:
     layers, _ = find_layers(params)
+    bypassed = qk_norm_bypassed(layers, _shapes(params))
+    if bypassed:
+      warnings.warn(
+          f"qk_clip: attention layers {bypassed} (layer: QK-norm modules) have a QK-norm "
+          f"that their layout leaves alone, while it scales the projections: a norm after "
+          f"the projection cancels that scaling, so heads would be counted clipped and no "
+          f"logit would change. Clip the norm gains instead: layouts=muonclip_jax.qk_norm("
+          f"'<query norm>', '<key norm>', num_heads=..., gain='scale' or 'one_plus'). Ignore "
+          f"this if those norms act before the projections.", UserWarning, stacklevel=2)
     neg = {show_path(m): jnp.full(layer.lead + (layer.num_heads,), -jnp.inf, jnp.float32)
            for m, layer in layers.items()}
     zero = jnp.zeros([], jnp.int32)

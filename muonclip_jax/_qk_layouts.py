@@ -43,6 +43,17 @@ How ``gamma`` is shared. Let ``n_k`` be the key slots and ``n_q`` the query slot
 * no key entries: query entries get ``gamma``; no query entries: key entries
   get ``gamma``.
 
+Declared, never guessed. What the shapes cannot tell is declared or refused:
+
+* orientation: Flax's ``kernel`` is ``(in, out)``; any other name (PyTorch and
+  Equinox ``weight`` are ``(out, in)``) needs ``weight_layout=`` (or, for 3-D
+  per-head kernels, ``head_axis=``);
+* a layer axis that is not the first (MaxText's ``param_scan_axis=1``):
+  ``scan_axis=``; statistics keep their layer axis first;
+* a norm gain stored as ``1 + scale`` (Gemma): ``qk_norm(gain="one_plus")``;
+* projections stacked on one axis (Gemma's ``kv_einsum`` ``(2, K, D, H)``):
+  ``query_stack=``/``key_stack=`` ``(axis, index)``.
+
 QK-norm: ``RMSNorm``/``LayerNorm`` on ``q`` and ``k`` after the projection
 cancels any scaling of ``W_q``, ``W_k``, so the clip acts on the norm gains.
 Gains shared by all heads (Flax's ``normalize_qk``: shape ``(head_dim,)``)
@@ -155,55 +166,170 @@ def _scanned(params: list[QKParam], scan_axis: int | None) -> tuple[QKParam, ...
   return tuple(p._replace(scan_axis=scan_axis) for p in params)
 
 
-def _kernel_and_bias(module: str, role: Role, kernel: str, bias: str | None,
-                     merged_heads: bool, heads: int | None) -> list[QKParam]:
-  if merged_heads:
+WeightLayout = Literal["in_out", "out_in"]
+WEIGHT_LAYOUTS = ("in_out", "out_in")
+Stack = tuple[int, int]
+
+
+def weight_layout_of(where: str, kernel: str, weight_layout: WeightLayout | None,
+                     declared_axis: bool = False) -> WeightLayout | None:
+  """The declared orientation, Flax's ``(in, out)`` for ``kernel``, or a ``ValueError``.
+
+  ``kernel`` is Flax's name for ``(in_features, out_features)`` weights, so
+  its orientation is known. Any other name (PyTorch and Equinox ``weight`` are
+  ``(out, in)``, hand-written code either) must be declared: a square kernel
+  reads either way, and reading it wrong clips the input side.
+  """
+  if weight_layout is not None:
+    if weight_layout not in WEIGHT_LAYOUTS:
+      raise ValueError(f"{where}: weight_layout must be one of {WEIGHT_LAYOUTS}, got "
+                       f"{weight_layout!r}")
+    return weight_layout
+  if kernel == "kernel":
+    return "in_out"
+  if declared_axis:
+    return None
+  raise ValueError(
+      f"{where}: the orientation of {kernel!r} weights cannot be told from their names or "
+      f"shapes (a square kernel reads either way, and reading it wrong clips the input "
+      f"side). Declare it: weight_layout='out_in' for (out_features, in_features) weights "
+      f"(PyTorch, Equinox eqx.nn.Linear.weight, y = W @ x) or weight_layout='in_out' for "
+      f"(in_features, out_features) ones (Flax's kernel, y = x @ W); for 3-D per-head "
+      f"kernels, head_axis= alone is enough.")
+
+
+def _kernel_entry(path: str, role: Role, *, merged: bool, heads: int | None,
+                  layout: WeightLayout | None, head_axis: int | None,
+                  stack: Stack | None) -> QKParam:
+  """A projection kernel: per-layer ``(in, H*D)``/``(H*D, in)`` merged, or 3-D per head.
+
+  ``stack=(axis, index)``: the kernel stacks several projections along ``axis``
+  (Gemma's ``kv_einsum`` ``(2, K, D, H)``: keys then values along axis 0) and
+  this one is entry ``index``; ``head_axis`` counts axes without that axis.
+  """
+  rank = 2 if merged else 3
+  if merged:
     if heads is None:
-      raise ValueError(f"{module}: merged (2-D) kernels need the number of heads")
-    out = [QKParam(f"{module}/{kernel}", role, 2, (-1,), heads)]
-    if bias:
-      out.append(QKParam(f"{module}/{bias}", role, 1, (-1,), heads, optional=True))
+      raise ValueError(f"{path}: merged (2-D) kernels need the number of heads")
+    if head_axis is not None:
+      raise ValueError(f"{path}: head_axis is for 3-D per-head kernels; merged (2-D) "
+                       f"kernels take weight_layout=")
+    axis = 1 if layout == "in_out" else 0
   else:
-    out = [QKParam(f"{module}/{kernel}", role, 3, (-2,))]
-    if bias:
-      out.append(QKParam(f"{module}/{bias}", role, 2, (-2,), optional=True))
-  return out
+    axis = head_axis if head_axis is not None else (-2 if layout == "in_out" else -3)
+    if not -rank <= axis < rank:
+      raise ValueError(f"{path}: head_axis={axis} out of range for a 3-D kernel")
+    axis %= rank
+  select: tuple[tuple[int, int, int | None], ...] = ()
+  ndim = rank
+  if stack is not None:
+    s_axis, index = stack
+    ndim = rank + 1
+    if not -ndim <= s_axis < ndim or index < 0:
+      raise ValueError(f"{path}: stack=(axis, index)={stack} does not fit a {ndim}-D "
+                       f"stacked kernel")
+    s_axis %= ndim
+    axis = axis if axis < s_axis else axis + 1
+    select = ((s_axis - ndim, index, index + 1),)
+  return QKParam(path, role, ndim, (axis - ndim,), heads if merged else None, None, select)
+
+
+def _bias_entry(path: str, role: Role, *, merged: bool, heads: int | None,
+                stack: Stack | None) -> QKParam:
+  """A projection bias ``(H*D,)`` or ``(H, D)`` (stacked along ``stack``'s axis too)."""
+  rank = 1 if merged else 2
+  axis, ndim = 0, rank  # heads lead: (H*D,) or (H, D)
+  select: tuple[tuple[int, int, int | None], ...] = ()
+  if stack is not None:
+    ndim = rank + 1
+    if not -ndim <= stack[0] < ndim:
+      raise ValueError(f"{path}: stack axis {stack[0]} does not fit the {ndim}-D stacked "
+                       f"bias; pass bias=None if the projections have none")
+    s_axis = stack[0] % ndim
+    axis = axis if axis < s_axis else axis + 1
+    select = ((s_axis - ndim, stack[1], stack[1] + 1),)
+  return QKParam(path, role, ndim, (axis - ndim,), heads if merged else None, None, select,
+                 optional=True)
 
 
 def separate_qk(query: str = "query", key: str = "key", *, num_heads: int | None = None,
                 num_kv_heads: int | None = None, merged_heads: bool = False,
                 kernel: str = "kernel", bias: str | None = "bias",
+                weight_layout: WeightLayout | None = None, head_axis: int | None = None,
+                query_stack: Stack | None = None, key_stack: Stack | None = None,
                 scan_axis: int | None = None) -> QKLayout:
   """Separate query and key projections, with optional biases.
+
+  Examples::
+
+    separate_qk("query", "key")                    # Flax DenseGeneral (E, H, D)
+    separate_qk("q_proj", "k_proj", num_heads=8, merged_heads=True)  # nn.Dense
+    separate_qk("query_proj", "key_proj", num_heads=8, merged_heads=True,
+                kernel="weight", weight_layout="out_in")  # Equinox / PyTorch
+    # Gemma: q_einsum/w (N, D, H); kv_einsum/w (2, K, D, H), keys at index 0
+    separate_qk("q_einsum", "kv_einsum", kernel="w", head_axis=0,
+                key_stack=(0, 0), bias=None)
+    # Gemma MHA: qkv_einsum/w (3, N, D, H)
+    separate_qk("qkv_einsum", "qkv_einsum", kernel="w", head_axis=0,
+                query_stack=(0, 0), key_stack=(0, 1), bias=None)
 
   Args:
     query: path of the query projection module.
     key: path of the key projection module.
     num_heads: query heads; required with ``merged_heads``.
     num_kv_heads: key heads (GQA/MQA); default ``num_heads``.
-    merged_heads: ``True`` for 2-D ``(embed, heads*head_dim)`` kernels
-      (``nn.Dense``/``nnx.Linear``, heads major), ``False`` for 3-D
-      ``(embed, heads, head_dim)`` ones (``DenseGeneral``/``LinearGeneral``).
+    merged_heads: ``True`` for 2-D kernels with one ``heads*head_dim`` axis
+      (heads major: ``nn.Dense``, ``nnx.Linear``, ``eqx.nn.Linear``),
+      ``False`` for 3-D per-head kernels (``DenseGeneral``/``LinearGeneral``).
     kernel: the kernel's name inside each module.
     bias: the bias's name (skipped when absent); ``None`` for no bias.
+    weight_layout: ``"in_out"`` for ``(in, out)`` kernels (``(in, H*D)``;
+      3-D ``(in, H, D)``), ``"out_in"`` for ``(out, in)`` ones (PyTorch,
+      Equinox: ``(H*D, in)``; 3-D ``(H, D, in)``). Default: ``"in_out"`` for
+      Flax's ``kernel``; any other ``kernel`` name must declare it (or give
+      ``head_axis`` for 3-D kernels), since shapes cannot tell.
+    head_axis: for 3-D kernels, the heads axis of the (unstacked, per-layer)
+      kernel, overriding ``weight_layout`` (Gemma's ``(N, D, H)``: ``0``).
+    query_stack: ``(axis, index)`` when the query kernel stacks several
+      projections along ``axis`` (of the stacked per-layer kernel) and the
+      query is entry ``index`` (Gemma's ``qkv_einsum``: ``(0, 0)``).
+    key_stack: the same for the key kernel (Gemma's ``kv_einsum``: ``(0, 0)``;
+      ``qkv_einsum``: ``(0, 1)``). A bias, if present, is stacked the same way.
     scan_axis: the position of the layer axis in scanned parameters when it is
       not the first (MaxText's ``param_scan_axis=1``); ``None``: leading.
 
   Returns:
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
     the module that sows ``max_logits``).
+
+  Raises:
+    ValueError: an orientation that the names do not fix and is not declared;
+      merged kernels without ``num_heads``; axes out of range.
   """
+  layout = weight_layout_of("separate_qk", kernel, weight_layout,
+                            declared_axis=head_axis is not None and not merged_heads)
   kv = num_kv_heads if num_kv_heads is not None else num_heads
-  params = (_kernel_and_bias(query, "query", kernel, bias, merged_heads, num_heads)
-            + _kernel_and_bias(key, "key", kernel, bias, merged_heads, kv))
+  params = []
+  for module, role, heads, stack in ((query, "query", num_heads, query_stack),
+                                     (key, "key", kv, key_stack)):
+    params.append(_kernel_entry(f"{module}/{kernel}", role, merged=merged_heads, heads=heads,
+                                layout=layout, head_axis=head_axis, stack=stack))
+    if bias:
+      params.append(_bias_entry(f"{module}/{bias}", role, merged=merged_heads, heads=heads,
+                                stack=stack))
   return QKLayout(_scanned(params, scan_axis), num_heads, "separate_qk")
 
 
 def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = None,
               order: Literal["blocks", "heads", "groups"] = "blocks",
               kernel: str = "kernel", bias: str | None = "bias",
+              weight_layout: WeightLayout | None = None,
               scan_axis: int | None = None) -> QKLayout:
   """One fused QKV projection with a 2-D kernel ``(embed, (H + 2 H_kv) * head_dim)``.
+
+  Per-head 3-D fused kernels that stack q, k and v on their own axis (Gemma's
+  ``qkv_einsum`` ``(3, N, D, H)``) are :func:`separate_qk` with ``query_stack``
+  and ``key_stack``.
 
   Args:
     path: path of the fused projection module.
@@ -216,6 +342,9 @@ def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = N
       ``[q x (H/H_kv), k, v]`` (Megatron GQA).
     kernel: the kernel's name inside the module.
     bias: the bias's name (skipped when absent); ``None`` for no bias.
+    weight_layout: ``"in_out"`` (``(embed, out)``) or ``"out_in"``
+      (``(out, embed)``: PyTorch ``in_proj_weight``); default ``"in_out"`` for
+      Flax's ``kernel``, required for any other name.
     scan_axis: the position of the layer axis in scanned parameters when it is
       not the first (MaxText's ``param_scan_axis=1``); ``None``: leading.
 
@@ -223,6 +352,7 @@ def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = N
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
     the module that sows ``max_logits``).
   """
+  layout = weight_layout_of("fused_qkv", kernel, weight_layout)
   kv = num_kv_heads if num_kv_heads is not None else num_heads
   if num_heads % kv:
     raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({kv})")
@@ -232,21 +362,26 @@ def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = N
   for name, nd in entries:
     optional = name == bias
     full = f"{path}/{name}"
+    # (out, in) kernels: the output axis, and every axis split from it, one to the left.
+    t = -1 if (name == kernel and layout == "out_in") else 0
     if order == "blocks":
-      split = (-1, (num_heads + 2 * kv, -1))
-      params += [QKParam(full, "query", nd, (-2,), None, split, ((-2, 0, num_heads),), optional),
-                 QKParam(full, "key", nd, (-2,), None, split,
-                         ((-2, num_heads, num_heads + kv),), optional)]
+      split = (-1 + t, (num_heads + 2 * kv, -1))
+      params += [QKParam(full, "query", nd, (-2 + t,), None, split, ((-2 + t, 0, num_heads),),
+                         optional),
+                 QKParam(full, "key", nd, (-2 + t,), None, split,
+                         ((-2 + t, num_heads, num_heads + kv),), optional)]
     elif order == "heads":
       if kv != num_heads:
         raise ValueError("order='heads' is MHA only; use order='groups' for GQA")
-      split = (-1, (num_heads, 3, -1))
-      params += [QKParam(full, "query", nd, (-3,), None, split, ((-2, 0, 1),), optional),
-                 QKParam(full, "key", nd, (-3,), None, split, ((-2, 1, 2),), optional)]
+      split = (-1 + t, (num_heads, 3, -1))
+      params += [QKParam(full, "query", nd, (-3 + t,), None, split, ((-2 + t, 0, 1),), optional),
+                 QKParam(full, "key", nd, (-3 + t,), None, split, ((-2 + t, 1, 2),), optional)]
     elif order == "groups":
-      split = (-1, (kv, rep + 2, -1))
-      params += [QKParam(full, "query", nd, (-3, -2), None, split, ((-2, 0, rep),), optional),
-                 QKParam(full, "key", nd, (-3,), None, split, ((-2, rep, rep + 1),), optional)]
+      split = (-1 + t, (kv, rep + 2, -1))
+      params += [QKParam(full, "query", nd, (-3 + t, -2 + t), None, split,
+                         ((-2 + t, 0, rep),), optional),
+                 QKParam(full, "key", nd, (-3 + t,), None, split, ((-2 + t, rep, rep + 1),),
+                         optional)]
     else:
       raise ValueError(f"order: expected 'blocks', 'heads' or 'groups', got {order!r}")
   return QKLayout(_scanned(params, scan_axis), num_heads, f"fused_qkv[{order}]")
@@ -254,7 +389,8 @@ def fused_qkv(path: str = "qkv", *, num_heads: int, num_kv_heads: int | None = N
 
 def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: int,
         qk_rope_head_dim: int, v_head_dim: int, merged_heads: bool = False,
-        kernel: str = "kernel", scan_axis: int | None = None) -> QKLayout:
+        kernel: str = "kernel", weight_layout: WeightLayout | None = None,
+        scan_axis: int | None = None) -> QKLayout:
   """Multi-head latent attention (DeepSeek-V2/V3, Kimi K2).
 
   The query projection's per-head output is ``[q^C (nope) | q^R (rope)]``; the
@@ -272,6 +408,10 @@ def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: i
     merged_heads: 2-D kernels ``(in, heads * width)`` instead of 3-D
       ``(in, heads, width)``.
     kernel: the kernel's name inside each module.
+    weight_layout: ``"in_out"`` (``(in, heads, width)`` or merged
+      ``(in, heads*width)``) or ``"out_in"`` (``(heads, width, in)``,
+      ``(heads*width, in)``); default ``"in_out"`` for Flax's ``kernel``,
+      required for any other name.
     scan_axis: the position of the layer axis in scanned parameters when it is
       not the first (MaxText's ``param_scan_axis=1``); ``None``: leading.
 
@@ -279,19 +419,21 @@ def mla(q: str = "wq", kv: str = "wkv_b", *, num_heads: int, qk_nope_head_dim: i
     A :class:`QKLayout` for ``qk_clip(layouts=...)`` (its paths are relative to
     the module that sows ``max_logits``).
   """
+  layout = weight_layout_of("mla", kernel, weight_layout)
+  t = -1 if layout == "out_in" else 0  # (out, in): the output's axes one to the left
   nope, rope = qk_nope_head_dim, qk_rope_head_dim
   if merged_heads:
-    q_split = (-1, (num_heads, nope + rope))
-    kv_split = (-1, (num_heads, nope + v_head_dim))
+    q_split = (-1 + t, (num_heads, nope + rope))
+    kv_split = (-1 + t, (num_heads, nope + v_head_dim))
     nd = 2
   else:
     q_split = kv_split = None
     nd = 3
   return QKLayout(_scanned([
-      QKParam(f"{q}/{kernel}", "query", nd, (-2,), None, q_split, ((-1, 0, nope),)),
-      QKParam(f"{q}/{kernel}", "query_rope", nd, (-2,), None, q_split,
-              ((-1, nope, nope + rope),)),
-      QKParam(f"{kv}/{kernel}", "key", nd, (-2,), None, kv_split, ((-1, 0, nope),)),
+      QKParam(f"{q}/{kernel}", "query", nd, (-2 + t,), None, q_split, ((-1 + t, 0, nope),)),
+      QKParam(f"{q}/{kernel}", "query_rope", nd, (-2 + t,), None, q_split,
+              ((-1 + t, nope, nope + rope),)),
+      QKParam(f"{kv}/{kernel}", "key", nd, (-2 + t,), None, kv_split, ((-1 + t, 0, nope),)),
   ], scan_axis), num_heads, "mla")
 
 
@@ -496,7 +638,17 @@ def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Targe
     per_layer = shape[:layer_axis] + shape[layer_axis + 1:]
   else:
     lead, per_layer = shape[:n_lead], shape[n_lead:]
-  view = _view(per_layer, spec.split, where)
+  try:
+    view = _view(per_layer, spec.split, where)
+  except ValueError as e:
+    if not lead:
+      raise
+    raise ValueError(
+        f"{e} (the parameter has {len(shape)} axes where the layout expects {spec.ndim} per "
+        f"layer, so {lead} were read as layer axes; a kernel that stacks q, k and v on an "
+        f"axis of its own, like Gemma's qkv_einsum (3, N, D, H), is separate_qk("
+        f"'qkv_einsum', 'qkv_einsum', kernel='w', head_axis=0, query_stack=(0, 0), "
+        f"key_stack=(0, 1), bias=None))") from None
   rank = len(view)
   ranges = [(0, s) for s in view]
   for axis, start, stop in spec.select:
