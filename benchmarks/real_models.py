@@ -661,7 +661,7 @@ def markdown(rs: list[Row]) -> str:
            f"{r.clipped_rel:.1e} ({r.n_clipped} heads)", f"{r.cool_rel:.1e} ({r.n_cool} heads)",
            f"{r.routing_ok}/{r.routing_total}"] for r in rs]
   notes = "\n".join(f"- {r.family}: {r.note}" for r in rs if r.note)
-  return (f"Machine: {_common.machine()}; jax {jax.__version__}.\n\n"
+  return (f"Machine: {_common.machine()}.\n\n"
           + _common.table(headers, body) + "\n\n" + notes)
 
 
