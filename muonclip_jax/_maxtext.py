@@ -44,7 +44,8 @@ def maxtext_record_max_logits(model: Any) -> int:
 
   Raises:
     ImportError: MaxText is not installed.
-    ValueError: the model has no ``AttentionOp``.
+    ValueError: the model has no ``AttentionOp``, or one soft-caps its logits
+      (MaxText records the max after the cap; QK-Clip needs it before).
   """
   from flax import nnx  # noqa: PLC0415
   try:
@@ -53,8 +54,15 @@ def maxtext_record_max_logits(model: Any) -> int:
     raise ImportError("maxtext_record_max_logits needs MaxText (Python >= 3.12: "
                       "pip install maxtext)") from e
   n = 0
-  for _, node in nnx.iter_graph(model):
+  for path, node in nnx.iter_graph(model):
     if isinstance(node, AttentionOp):
+      if getattr(node, "attn_logits_soft_cap", None):
+        raise ValueError(
+            f"maxtext_record_max_logits: the AttentionOp at "
+            f"{'/'.join(map(str, path)) or '<root>'!r} soft-caps its logits "
+            f"(attn_logits_soft_cap={node.attn_logits_soft_cap}) and MaxText records the "
+            f"max after the cap; QK-Clip needs it before (Kimi K2, §2.1), so the clip "
+            f"would act on the wrong value. Disable the soft-cap to use QK-Clip.")
       if type(node) not in _RECORDING.values():
         node.__class__ = _recording_class(type(node))
       n += 1
