@@ -66,7 +66,8 @@ from typing import Any, NamedTuple
 import jax
 from optax.contrib import MuonDimensionNumbers
 
-from muonclip_jax._layer_axis import SCAN_CONTAINERS, LayerAxisLike, check_layer_axis, stack_axis
+from muonclip_jax._layer_axis import LayerAxisLike, check_layer_axis, stack_axis
+from muonclip_jax._layer_axis import in_container as under_scan_container
 from muonclip_jax._paths import lower_components, path_str
 
 __all__ = [
@@ -235,11 +236,6 @@ def _layout(comps: list[str], rank: int, per_head: bool, declared: bool, in_cont
   return view
 
 
-def _in_container(comps: list[str]) -> bool:
-  return any(c in SCAN_CONTAINERS and not comps[i + 1].isdigit()
-             for i, c in enumerate(comps[:-1]))
-
-
 def dimension_rule(path: str, shape: Sequence[int], *, layer_axis: LayerAxisLike = None,
                    per_head: bool = False) -> DimensionRule:
   """The dimension numbers for a parameter of ``shape`` at ``path``, with the rule that chose them.
@@ -266,7 +262,7 @@ def dimension_rule(path: str, shape: Sequence[int], *, layer_axis: LayerAxisLike
   k = stack_axis(path, shape, check_layer_axis(layer_axis))
   if k is None:
     v = _layout(comps, ndim, per_head, declared=layer_axis is not None,
-                in_container=_in_container(comps))
+                in_container=under_scan_container(comps))
     return DimensionRule(_dims(v.red, v.out), v.rule, v.ambiguity,
                          v.orientation_known)
   if ndim < 3:

@@ -33,7 +33,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 __all__ = ["LayerAxisLike", "SCAN_CONTAINERS", "check_layer_axis", "check_layer_axis_used",
-           "stack_axis"]
+           "in_container", "stack_axis"]
 
 LayerAxisLike = int | Mapping[str, int] | None
 
@@ -73,7 +73,8 @@ def check_layer_axis(layer_axis: Any) -> LayerAxisLike:
                    f"mapping of path prefix to int, got {layer_axis!r}{hint}")
 
 
-def _in_container(components: list[str]) -> bool:
+def in_container(components: list[str]) -> bool:
+  """Whether a path (as components) lies under one of :data:`SCAN_CONTAINERS`."""
   for i, c in enumerate(components[:-1]):
     if c.lower() in SCAN_CONTAINERS and not components[i + 1].isdigit():
       return True
@@ -107,7 +108,7 @@ def stack_axis(path: str, shape: tuple[int, ...], layer_axis: LayerAxisLike) -> 
   if layer_axis is None:
     return None
   if _is_int(layer_axis):
-    if not _in_container([c for c in path.split("/") if c]):
+    if not in_container([c for c in path.split("/") if c]):
       return None
     k, source = layer_axis, f"layer_axis={layer_axis}"
   else:
@@ -133,7 +134,7 @@ def check_layer_axis_used(paths: Iterable[str], layer_axis: LayerAxisLike) -> No
     return
   paths = list(paths)
   if _is_int(layer_axis):
-    if not any(_in_container([c for c in p.split("/") if c]) for p in paths):
+    if not any(in_container([c for c in p.split("/") if c]) for p in paths):
       raise ValueError(
           f"layer_axis={layer_axis}: no parameter is under a scanned container "
           f"({', '.join(sorted(SCAN_CONTAINERS))}), so it would do nothing; pass a mapping "
