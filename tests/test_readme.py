@@ -1,4 +1,8 @@
-"""The README's and the docs guides' Python blocks run as written."""
+"""The README's and the docs guides' Python blocks run as written.
+
+Blocks fenced ```python are complete programs and run here; excerpts that need a
+model of their own (a Gemma or Equinox training step) are fenced ```py and do not.
+"""
 
 import re
 from pathlib import Path
