@@ -20,7 +20,7 @@ from pathlib import Path
 
 import jax
 
-from benchmarks._argtypes import nonnegative_int, positive_int
+from examples.lm.argtypes import nonnegative_int, positive_int
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 

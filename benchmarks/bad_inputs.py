@@ -320,9 +320,10 @@ CLI_TINY = ["--steps", "4", "--batch", "4", "--seq-len", "16", "--d-model", "32"
 
 
 def cli(root: Path, flags: Sequence[str], names: Sequence[str]) -> tuple[str, str]:
-  """``benchmarks.train_lm`` in process: refused (exit status != 0, naming the flag) before
+  """``examples.lm.train`` in process: refused (exit status != 0, naming the flag) before
   training, or a run that exits 0 (silent)."""
-  from benchmarks import harness, train_lm
+  from examples.lm import train as train_lm
+  from examples.lm import trainer as harness
   started = []
   run = harness.Trainer.run
 

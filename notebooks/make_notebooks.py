@@ -19,8 +19,8 @@ SETUP = '''\
 REPO = "https://github.com/<owner>/muonclip_jax"
 import os, pathlib, subprocess, sys
 {pre}here = pathlib.Path.cwd().resolve()
-root = next((p for p in (here, *here.parents) if (p / "benchmarks" / "harness.py").is_file()), None)
-if root is None:  # e.g. on Colab: benchmarks/harness.py (model, data, training loop) lives in the repo
+root = next((p for p in (here, *here.parents) if (p / "examples" / "lm" / "trainer.py").is_file()), None)
+if root is None:  # e.g. on Colab: examples/lm/trainer.py (model, data, training loop) lives in the repo
     subprocess.run(["git", "clone", "-q", "--depth=1", REPO, "muonclip_jax_repo"], check=True)
     root = pathlib.Path("muonclip_jax_repo").resolve()
 try:
@@ -31,7 +31,7 @@ except ImportError:
     else:
         %pip install -q "git+{{REPO}}.git"
     import muonclip_jax
-sys.path.insert(0, str(root))            # benchmarks/harness.py: the experiment harness
+sys.path.insert(0, str(root))            # examples/lm/trainer.py: the experiment harness
 SMALL = os.environ.get("MUONCLIP_NB_SMALL") == "1"  # tiny settings (the test suite sets this)
 print("muonclip_jax from", pathlib.Path(muonclip_jax.__file__).parent, "| small:", SMALL)'''
 
@@ -124,13 +124,13 @@ AdamW's learning rate and weight decay carry over.
 
 ## 3. MuonClip on a transformer
 
-`benchmarks/harness.py` holds a small byte-level transformer (Flax NNX, RoPE). Its attention calls
+`examples/lm/trainer.py` holds a small byte-level transformer (Flax NNX, RoPE). Its attention calls
 `muonclip_jax.dot_product_attention(..., module=self)`, which **sows each head's largest
 pre-softmax logit** as an `nnx.Intermediate`. The training step captures those statistics
 and hands them to the optimiser: `tx.update(grads, state, params, max_logits=stats)`.
 QK-Clip then rescales the query/key weights of every head whose logit exceeded τ."""),
     code("""from flax import nnx
-from benchmarks import harness as lm
+from examples.lm import trainer as lm
 
 cfg = lm.ModelConfig(d_model=32 if SMALL else 128, num_layers=1 if SMALL else 2, num_heads=4)
 graphdef, params = lm.init_model(cfg, seed=0)
@@ -167,7 +167,7 @@ b.set(xlabel="step", title="Max pre-softmax logit"); b.legend()
 for ax in (a, b): ax.grid(alpha=0.3)
 plt.show()"""),
     md("""The same loop, with metrics, plots, checkpoints and a device mesh, is
-`python -m benchmarks.train_lm` (see `--help`). Next: `02_qk_clip.ipynb` shows the logit
+`python -m examples.lm.train` (see `--help`). Next: `02_qk_clip.ipynb` shows the logit
 explosion that QK-Clip prevents."""),
 ])
 
@@ -184,7 +184,7 @@ and MuonClip — at a high learning rate **without weight decay**, where plain M
 run away. We plot every head's max logit and the loss curves."""),
     setup(),
     code("""import numpy as np, matplotlib.pyplot as plt
-from benchmarks import harness as lm
+from examples.lm import trainer as lm
 
 SEQ = 16 if SMALL else 64
 data = lm.ByteData(lm.default_corpus(), seq_len=SEQ)
@@ -251,7 +251,7 @@ The full study (three optimisers, three learning rates each, two seeds) is
 `python -m benchmarks.token_efficiency`; its figures are in `benchmarks/RESULTS.md`."""),
     setup(),
     code("""import numpy as np, matplotlib.pyplot as plt
-from benchmarks import harness as lm
+from examples.lm import trainer as lm
 
 SEQ = 16 if SMALL else 64
 data = lm.ByteData(lm.default_corpus(), seq_len=SEQ)
@@ -301,12 +301,12 @@ there without communication, and moved back (one reshard out).
 
 This notebook runs on **8 host CPU devices** (the XLA flag must be set before jax starts, so it
 is in the first cell; restart the runtime if jax was already imported), trains the transformer of
-`benchmarks/harness.py` sharded on a `data × model` mesh, and checkpoints and resumes it with the package's orbax helpers."""),
+`examples/lm/trainer.py` sharded on a `data × model` mesh, and checkpoints and resumes it with the package's orbax helpers."""),
     setup(pre='os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") '
               '+ " --xla_force_host_platform_device_count=8").strip()\n'
               'os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a mesh of host devices\n'),
     code("""import jax, numpy as np
-from benchmarks import harness as lm
+from examples.lm import trainer as lm
 from jax.sharding import NamedSharding
 print(jax.devices())
 assert len(jax.devices()) >= 8, "restart the runtime: XLA_FLAGS must be set before jax starts"
@@ -357,7 +357,7 @@ same = all(np.array_equal(np.asarray(a), np.asarray(b))
            for a, b in zip(jax.tree.leaves(on_mesh.params), jax.tree.leaves(resumed.params)))
 print("resumed run equals the uninterrupted run:", same)
 assert same"""),
-    md("""From the command line: `python -m benchmarks.train_lm --mesh 4x2 --ckpt-dir ck --steps 200`,
+    md("""From the command line: `python -m examples.lm.train --mesh 4x2 --ckpt-dir ck --steps 200`,
 interrupt it, and run the same command with `--resume`."""),
 ])
 

@@ -20,8 +20,8 @@ import muonclip_jax as mc
 
 
 def lm_module() -> Any:
-  """``benchmarks/harness.py``."""
-  from benchmarks import harness as lm
+  """``examples/lm/trainer.py``."""
+  from examples.lm import trainer as lm
   return lm
 
 

@@ -24,8 +24,8 @@ import train_linen  # noqa: E402
 import train_nnx  # noqa: E402
 
 import muonclip_jax  # noqa: E402
-from benchmarks import harness as lm  # noqa: E402
-from benchmarks import train_lm  # noqa: E402
+from examples.lm import trainer as lm  # noqa: E402
+from examples.lm import train as train_lm  # noqa: E402
 
 TINY = lm.ModelConfig(d_model=32, num_layers=2, num_heads=4)
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -241,10 +241,10 @@ def test_cli_checkpoint_and_resume(tmp_path: Path) -> None:
 
 
 def test_cli_as_a_script_with_a_mesh(tmp_path: Path) -> None:
-  """``python -m benchmarks.train_lm --mesh 2x2`` sets the host device count itself."""
+  """``python -m examples.lm.train --mesh 2x2`` sets the host device count itself."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.train_lm", "--mesh", "2x1", "--steps", "2",
+      [sys.executable, "-m", "examples.lm.train", "--mesh", "2x1", "--steps", "2",
        "--batch", "4", "--seq-len", "16", "--d-model", "32", "--layers", "1", "--heads", "2",
        "--eval-every", "2", "--eval-batches", "1", "--max-bytes", "65536",
        "--out", str(tmp_path), "--no-progress"],

@@ -10,14 +10,14 @@ writes, under ``--out`` (default ``runs/train_lm``):
 
 Examples::
 
-  python -m benchmarks.train_lm                                   # MuonClip, tau=100
-  python -m benchmarks.train_lm --optimizer adamw --lr 3e-3
-  python -m benchmarks.train_lm --tau 20                          # QK-Clip acts (logits reach ~25)
-  python -m benchmarks.train_lm --kv-heads 2                      # GQA
-  python -m benchmarks.train_lm --mesh 4x2 --batch 16             # 8 host devices
-  python -m benchmarks.train_lm --ckpt-dir /tmp/ck --steps 100    # then:
-  python -m benchmarks.train_lm --ckpt-dir /tmp/ck --steps 200 --resume
-  python -m benchmarks.train_lm --text my_corpus.txt
+  python -m examples.lm.train                                   # MuonClip, tau=100
+  python -m examples.lm.train --optimizer adamw --lr 3e-3
+  python -m examples.lm.train --tau 20                          # QK-Clip acts (logits reach ~25)
+  python -m examples.lm.train --kv-heads 2                      # GQA
+  python -m examples.lm.train --mesh 4x2 --batch 16             # 8 host devices
+  python -m examples.lm.train --ckpt-dir /tmp/ck --steps 100    # then:
+  python -m examples.lm.train --ckpt-dir /tmp/ck --steps 200 --resume
+  python -m examples.lm.train --text my_corpus.txt
 
 ``--mesh DATAxMODEL`` asks XLA for that many host devices (it must be set
 before jax starts, which this script does) and shards the batch over ``data``
@@ -34,7 +34,7 @@ metrics and plots. On one machine, ``examples/launch.py`` starts N local
 processes::
 
   python examples/launch.py --num-processes 2 --devices-per-process 4 -- \
-      python -m benchmarks.train_lm --mesh 4x2 --ckpt-dir /tmp/ck
+      python -m examples.lm.train --mesh 4x2 --ckpt-dir /tmp/ck
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks._argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
+from examples.lm.argtypes import nonnegative_float, nonnegative_int, positive_float, positive_int
 
 
 def parse_mesh(spec: str | None) -> tuple[int, int] | None:
@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   import jax
   from tqdm.auto import tqdm
 
-  from benchmarks import harness as lm
+  from examples.lm import trainer as lm
 
   lead = jax.process_index() == 0
   say = print if lead else (lambda *a, **k: None)

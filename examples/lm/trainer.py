@@ -1,6 +1,6 @@
 """The experiment harness: a small byte-level language model and its training loop.
 
-Shared by ``benchmarks/train_lm.py``, the notebooks, the studies in
+Shared by ``examples/lm/train.py``, the notebooks, the studies in
 ``benchmarks/`` and the tests, so none of them copies model or training code.
 
 * Data: :func:`default_corpus` gathers text from a fixed list of files of the

@@ -1,0 +1,1 @@
+"""A byte-level language model trained with MuonClip, from one device to a pod slice."""
