@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -104,3 +105,20 @@ def add_study_args(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -
   p.add_argument("--eval-batches", type=positive_int, default=8)
   p.add_argument("--quick", action="store_true",
                  help="tiny smoke run; leaves RESULTS.md and the plots alone")
+
+
+def steps_to_reach(steps: Iterable[int], losses: Iterable[float], target: float
+                   ) -> float | None:
+  """First step at which a loss curve reaches ``target``, linearly interpolated.
+
+  ``None`` when it never does.
+  """
+  prev: tuple[int, float] | None = None
+  for s, v in zip(steps, losses):
+    if v <= target:
+      if prev is None or not math.isfinite(prev[1]):
+        return float(s)
+      s0, v0 = prev
+      return s0 + (v0 - target) / (v0 - v) * (s - s0) if v0 != v else float(s)
+    prev = (s, v)
+  return None

@@ -34,7 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import _common  # noqa: E402
-from examples.lm import trainer as lm  # noqa: E402
+from examples import lm  # noqa: E402
 from examples.lm.argtypes import nonnegative_float, positive_float  # noqa: E402
 
 PLOTS = Path(__file__).with_name("plots")

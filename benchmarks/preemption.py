@@ -206,7 +206,7 @@ def final_states(workdirs: Sequence[Path], steps: int, mesh: tuple[int, int]) ->
   import numpy as np
 
   import muonclip_jax as mc
-  from examples.lm import trainer as lm
+  from examples import lm
   args = dict(zip(TRAIN_ARGS[::2], TRAIN_ARGS[1::2], strict=False))
   cfg = lm.RunConfig(
       model=lm.ModelConfig(d_model=int(args["--d-model"]), num_layers=int(args["--layers"]),

@@ -38,7 +38,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import _common  # noqa: E402
-from examples.lm import trainer as lm  # noqa: E402
+from examples import lm  # noqa: E402
 from examples.lm.argtypes import nonnegative_float, positive_float  # noqa: E402
 
 PLOTS = Path(__file__).with_name("plots")
@@ -91,7 +91,7 @@ def analyse(runs: dict[str, dict[float, list[dict[str, Any]]]], steps: int) -> d
   target = final["adamw"][best_lr["adamw"]]
   reach: dict[str, dict[float, float | None]] = {}
   for name, by in curves.items():
-    reach[name] = {lr: lm.steps_to_reach(s, v, target) for lr, (s, v) in by.items()}
+    reach[name] = {lr: _common.steps_to_reach(s, v, target) for lr, (s, v) in by.items()}
   fastest: dict[str, tuple[float | None, float | None]] = {}
   for name, r in reach.items():
     hits = [(s, lr) for lr, s in r.items() if s is not None]

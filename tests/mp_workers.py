@@ -21,7 +21,7 @@ import muonclip_jax as mc
 
 def lm_module() -> Any:
   """``examples/lm/trainer.py``."""
-  from examples.lm import trainer as lm
+  from examples import lm
   return lm
 
 
