@@ -23,7 +23,7 @@ class OptimConfig:
       (``None``: ``lr``, as in Moonlight, thanks to the 0.2 RMS match).
     tau: QK-Clip threshold (``muonclip`` only).
     weight_decay: decoupled weight decay for every parameter.
-    warmup: linear warm-up steps.
+    warmup: linear warm-up steps (0: none).
     schedule: ``"cosine"`` (decay to ``final_lr_frac`` of the peak at
       ``total_steps``) or ``"constant"`` after warm-up.
     total_steps: steps of the run (cosine horizon).
@@ -42,11 +42,16 @@ class OptimConfig:
 
 
 def lr_schedule(peak: float, cfg: OptimConfig) -> optax.Schedule:
-  """Linear warm-up to ``peak``, then cosine decay or constant (see :class:`OptimConfig`)."""
-  warmup = max(1, min(cfg.warmup, cfg.total_steps))
+  """Linear warm-up to ``peak``, then cosine decay or constant (see :class:`OptimConfig`).
+
+  ``cfg.warmup == 0`` starts at ``peak`` (no step at learning rate 0).
+  """
+  warmup = min(cfg.warmup, cfg.total_steps)
   if cfg.schedule == "constant":
-    return optax.linear_schedule(0.0, peak, warmup)
+    return optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
   if cfg.schedule == "cosine":
+    if not warmup:
+      return optax.cosine_decay_schedule(peak, max(cfg.total_steps, 1), cfg.final_lr_frac)
     return optax.warmup_cosine_decay_schedule(
         0.0, peak, warmup, max(cfg.total_steps, warmup + 1), peak * cfg.final_lr_frac)
   raise ValueError(f"schedule: expected 'cosine' or 'constant', got {cfg.schedule!r}")
@@ -96,7 +101,7 @@ def clip_telemetry(opt_state: Any) -> dict[str, int]:
 
 def qk_clip_report(optimizer: str, tau: float, max_logit: float | None,
                    clipped_total: int | None, *, diverged_at: int | None = None,
-                   lr: float | None = None) -> str:
+                   lr: float | None = None, plot: str | None = None) -> str:
   """One line on what QK-Clip did in this run, and how to see it act.
 
   A run that diverged (non-finite loss or logit) says so instead: its max
@@ -116,5 +121,6 @@ def qk_clip_report(optimizer: str, tau: float, max_logit: float | None,
     hint = max(max_logit / 2, 1.0)
     return (f"QK-Clip: max logit {max_logit:.1f} stayed below tau = {tau:g}, no head "
             f"clipped. To see clipping, lower tau below it (e.g. --tau {hint:.0f}).")
+  see = f"; see {plot}" if plot else ""
   return (f"QK-Clip: {clipped_total} head-steps clipped to tau = {tau:g} (largest logit "
-          f"before clipping {max_logit:.1f}); see max_logit.png.")
+          f"before clipping {max_logit:.1f}){see}.")

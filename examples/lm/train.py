@@ -174,7 +174,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     summary["files"] = [str(p) for p in (json_path, csv_path, *plots)]
   say(json.dumps(summary, indent=1), flush=True)
   say(optim.qk_clip_report(args.optimizer, args.tau, summary["max_logit"],
-                     telemetry.get("clipped_total"), diverged_at=bad_step, lr=lr), flush=True)
+                            telemetry.get("clipped_total"), diverged_at=bad_step, lr=lr,
+                            plot="max_logit.png"), flush=True)
   if bad_step is not None:
     raise SystemExit(1)
   return summary
