@@ -1,7 +1,7 @@
 """Study: how many steps Muon and MuonClip need to reach AdamW's best loss.
 
 Byte-level language modelling on the standard-library corpus with the
-transformer of ``examples/lm/trainer.py``. Each optimiser (AdamW, Muon, MuonClip) runs
+transformer of ``examples/lm/model.py``. Each optimiser (AdamW, Muon, MuonClip) runs
 a learning-rate sweep at an equal number of steps, with several seeds; every
 run uses the same warm-up + cosine schedule over the full horizon ``N``, the
 same batches and weight decay 0.1, and is evaluated on a fixed validation set
@@ -163,7 +163,7 @@ def report(res: dict[str, Any], args: argparse.Namespace, seconds: float) -> str
   seeds = ", ".join(str(s) for s in args.seeds)
   return f"""
 Steps to reach AdamW's best final validation loss. Byte-level transformer of
-`examples/lm/trainer.py` (d_model {args.d_model}, {args.layers} layers, {args.heads} heads,
+`examples/lm/model.py` (d_model {args.d_model}, {args.layers} layers, {args.heads} heads,
 RoPE) on the standard-library corpus; batch {args.batch} x {args.seq_len} bytes; {n} steps, warm-up
 {args.warmup} then cosine decay to 10 % for every run; weight decay {args.weight_decay:g}; Muon
 and MuonClip use one learning rate for both branches (Moonlight's 0.2 RMS match); MuonClip

@@ -20,7 +20,7 @@ import muonclip_jax as mc
 
 
 def lm_module() -> Any:
-  """``examples/lm/trainer.py``."""
+  """The LM trainer of ``examples/lm/``."""
   from examples import lm
   return lm
 
