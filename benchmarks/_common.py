@@ -22,6 +22,7 @@ from pathlib import Path
 import jax
 
 from examples.lm.argtypes import nonnegative_int, positive_int
+from examples.lm.config import add_size_args
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -93,13 +94,8 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def add_study_args(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -> None:
   """The model, data and evaluation flags the training studies share."""
-  p.add_argument("--steps", type=positive_int, default=steps)
+  add_size_args(p, steps=steps, batch=16, seq_len=64, d_model=128, layers=2, heads=4)
   p.add_argument("--warmup", type=nonnegative_int, default=20)
-  p.add_argument("--batch", type=positive_int, default=16)
-  p.add_argument("--seq-len", type=positive_int, default=64)
-  p.add_argument("--d-model", type=positive_int, default=128)
-  p.add_argument("--layers", type=positive_int, default=2)
-  p.add_argument("--heads", type=positive_int, default=4)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   p.add_argument("--eval-every", type=positive_int, default=eval_every)
   p.add_argument("--eval-batches", type=positive_int, default=8)

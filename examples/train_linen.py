@@ -29,7 +29,8 @@ import optax
 from flax import linen as nn
 
 import muonclip_jax
-from examples.lm.argtypes import positive_float, positive_int
+from examples.lm.argtypes import positive_float
+from examples.lm.config import add_size_args
 from examples.lm.input_pipeline import ByteData, default_corpus
 from examples.lm.optim import OptimConfig, make_optimizer
 from examples.train_nnx import check_finite
@@ -96,11 +97,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Trains for ``--steps``; returns first/last loss and the last max logit."""
   p = argparse.ArgumentParser(description="MuonClip with Flax linen.")
   p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
-  p.add_argument("--steps", type=positive_int, default=100)
   p.add_argument("--lr", type=positive_float, default=0.01)
   p.add_argument("--tau", type=positive_float, default=100.0)
-  p.add_argument("--batch", type=positive_int, default=16)
-  p.add_argument("--seq-len", type=positive_int, default=64)
+  add_size_args(p, steps=100, batch=16, seq_len=64)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 

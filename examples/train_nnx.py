@@ -25,6 +25,7 @@ from flax import nnx
 
 import muonclip_jax as mc
 from examples.lm.argtypes import positive_float, positive_int
+from examples.lm.config import add_size_args
 from examples.lm.input_pipeline import ByteData, default_corpus
 from examples.lm.model import ModelConfig, Transformer
 from examples.lm.optim import OptimConfig, make_optimizer, qk_clip_report
@@ -67,15 +68,10 @@ def check_finite(loss: float, step: int, lr: float) -> None:
 def main(argv: list[str] | None = None) -> dict[str, float]:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
-  p.add_argument("--steps", type=positive_int, default=300)
   p.add_argument("--lr", type=positive_float, default=None,
                  help="peak learning rate (default 0.01; 3e-3 for AdamW)")
   p.add_argument("--tau", type=positive_float, default=100.0)
-  p.add_argument("--batch", type=positive_int, default=16)
-  p.add_argument("--seq-len", type=positive_int, default=128)
-  p.add_argument("--d-model", type=positive_int, default=128)
-  p.add_argument("--layers", type=positive_int, default=4)
-  p.add_argument("--heads", type=positive_int, default=4)
+  add_size_args(p, steps=300, batch=16, seq_len=128, d_model=128, layers=4, heads=4)
   p.add_argument("--log-every", type=positive_int, default=50)
   args = p.parse_args(argv)
   lr = args.lr if args.lr is not None else (3e-3 if args.optimizer == "adamw" else 0.01)

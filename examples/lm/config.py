@@ -23,6 +23,24 @@ def parse_mesh(spec: str | None) -> tuple[int, int] | None:
   return int(parts[0]), int(parts[1]) if len(parts) == 2 else 1
 
 
+def add_size_args(p: argparse.ArgumentParser, *, batch: int, seq_len: int,
+                  steps: int | None = None, d_model: int | None = None,
+                  layers: int | None = None, heads: int | None = None) -> None:
+  """Adds the size flags that the trainers and the studies share, each an integer >= 1.
+
+  ``--batch`` and ``--seq-len`` always; ``--steps``, ``--d-model``, ``--layers`` and
+  ``--heads`` where a default is given.
+
+  Args:
+    p: the parser.
+    batch, seq_len, steps, d_model, layers, heads: the defaults.
+  """
+  for flag, default in (("--steps", steps), ("--batch", batch), ("--seq-len", seq_len),
+                        ("--d-model", d_model), ("--layers", layers), ("--heads", heads)):
+    if default is not None:
+      p.add_argument(flag, type=positive_int, default=default)
+
+
 def build_parser() -> argparse.ArgumentParser:
   """The command-line interface."""
   p = argparse.ArgumentParser(description=DESCRIPTION,
@@ -37,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--weight-decay", type=nonnegative_float, default=0.1)
   p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
   p.add_argument("--warmup", type=nonnegative_int, default=20)
-  p.add_argument("--steps", type=positive_int, default=300)
-  p.add_argument("--batch", type=positive_int, default=16)
-  p.add_argument("--seq-len", type=positive_int, default=128)
-  p.add_argument("--d-model", type=positive_int, default=128)
-  p.add_argument("--layers", type=positive_int, default=4)
-  p.add_argument("--heads", type=positive_int, default=4)
+  add_size_args(p, steps=300, batch=16, seq_len=128, d_model=128, layers=4, heads=4)
   p.add_argument("--kv-heads", type=positive_int, default=None, help="key/value heads (GQA); "
                  "default: --heads")
   p.add_argument("--text", type=str, default=None,
