@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import platform
 import re
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 
 import jax
 
-from benchmarks._argtypes import nonnegative_int, positive_int
+from examples.lm.argtypes import nonnegative_int, positive_int
+from examples.lm.config import add_size_args
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 
@@ -92,15 +94,27 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
 
 def add_study_args(p: argparse.ArgumentParser, *, steps: int, eval_every: int) -> None:
   """The model, data and evaluation flags the training studies share."""
-  p.add_argument("--steps", type=positive_int, default=steps)
+  add_size_args(p, steps=steps, batch=16, seq_len=64, d_model=128, layers=2, heads=4)
   p.add_argument("--warmup", type=nonnegative_int, default=20)
-  p.add_argument("--batch", type=positive_int, default=16)
-  p.add_argument("--seq-len", type=positive_int, default=64)
-  p.add_argument("--d-model", type=positive_int, default=128)
-  p.add_argument("--layers", type=positive_int, default=2)
-  p.add_argument("--heads", type=positive_int, default=4)
   p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
   p.add_argument("--eval-every", type=positive_int, default=eval_every)
   p.add_argument("--eval-batches", type=positive_int, default=8)
   p.add_argument("--quick", action="store_true",
                  help="tiny smoke run; leaves RESULTS.md and the plots alone")
+
+
+def steps_to_reach(steps: Iterable[int], losses: Iterable[float], target: float
+                   ) -> float | None:
+  """First step at which a loss curve reaches ``target``, linearly interpolated.
+
+  ``None`` when it never does.
+  """
+  prev: tuple[int, float] | None = None
+  for s, v in zip(steps, losses):
+    if v <= target:
+      if prev is None or not math.isfinite(prev[1]):
+        return float(s)
+      s0, v0 = prev
+      return s0 + (v0 - target) / (v0 - v) * (s - s0) if v0 != v else float(s)
+    prev = (s, v)
+  return None

@@ -320,18 +320,19 @@ CLI_TINY = ["--steps", "4", "--batch", "4", "--seq-len", "16", "--d-model", "32"
 
 
 def cli(root: Path, flags: Sequence[str], names: Sequence[str]) -> tuple[str, str]:
-  """``benchmarks.train_lm`` in process: refused (exit status != 0, naming the flag) before
+  """``examples.lm.train`` in process: refused (exit status != 0, naming the flag) before
   training, or a run that exits 0 (silent)."""
-  from benchmarks import harness, train_lm
+  from examples.lm import train as train_lm
+  from examples.lm import trainer as trainer_lib
   started = []
-  run = harness.Trainer.run
+  run = trainer_lib.Trainer.run
 
   def spy(self, *a, **k):
     started.append(True)
     return run(self, *a, **k)
 
   out, err = io.StringIO(), io.StringIO()
-  harness.Trainer.run = spy
+  trainer_lib.Trainer.run = spy
   try:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
       train_lm.main(CLI_TINY + ["--out", str(root / "cli")] + list(flags))
@@ -349,7 +350,7 @@ def cli(root: Path, flags: Sequence[str], names: Sequence[str]) -> tuple[str, st
       outcome, detail = UNCLEAR, "after training started: " + detail
     return outcome, detail
   finally:
-    harness.Trainer.run = run
+    trainer_lib.Trainer.run = run
   report = out.getvalue().strip().splitlines()[-1:] or [""]
   return SILENT, f"exit status 0; last line: {_short(report[0])}"
 

@@ -1,7 +1,7 @@
 """Study: the max attention logit under plain Muon vs MuonClip.
 
 Setting (chosen so that plain Muon's logits grow without bound): the byte-level
-transformer of ``benchmarks/harness.py`` (d_model 128, 2 layers, 4 heads, RoPE) on the
+transformer of ``examples/lm/model.py`` (d_model 128, 2 layers, 4 heads, RoPE) on the
 standard-library corpus, Muon at a constant learning rate 0.02 after a short
 warm-up, **no weight decay** (weight decay 0.1 keeps this small model's logits
 below ~50; Kimi K2 saw the explosion at scale even with it). MuonClip is the
@@ -34,8 +34,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import _common  # noqa: E402
-from benchmarks import harness as lm  # noqa: E402
-from benchmarks._argtypes import nonnegative_float, positive_float  # noqa: E402
+from examples import lm  # noqa: E402
+from examples.lm.argtypes import nonnegative_float, positive_float  # noqa: E402
 
 PLOTS = Path(__file__).with_name("plots")
 
@@ -140,7 +140,7 @@ def report(results: dict[int, dict[str, dict[str, Any]]], args: argparse.Namespa
         "yes" if explode and held and within else "no"])
   heads = args.layers * args.heads
   md = f"""
-Plain Muon vs MuonClip (tau = {tau:g}) on the byte-level transformer of `benchmarks/harness.py`
+Plain Muon vs MuonClip (tau = {tau:g}) on the byte-level transformer of `examples/lm/model.py`
 (d_model {args.d_model}, {args.layers} layers, {args.heads} heads, RoPE; batch {args.batch} x
 {args.seq_len} bytes) on the standard-library corpus; learning rate {args.lr:g} constant after
 {args.warmup} warm-up steps, weight decay {args.weight_decay:g}, {args.steps} steps; the two

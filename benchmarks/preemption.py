@@ -1,7 +1,7 @@
 """Preemption: SIGKILL every process of a multi-process training run at random moments.
 
 A pod slice loses all its hosts at once. This study runs the example
-(``benchmarks/train_lm.py``, MuonClip, a ``4x2`` mesh over 2 processes x 4 host
+(``examples/lm/train.py``, MuonClip, a ``4x2`` mesh over 2 processes x 4 host
 CPU devices, an asynchronous checkpoint every step) under
 ``examples/launch.py``, kills the whole job with SIGKILL at random moments
 (one of them while Orbax is writing a step), restarts it with ``--resume``
@@ -115,7 +115,7 @@ class Job:
 
 def command(ckpt_dir: Path, out_dir: Path, steps: int, job: Job) -> list[str]:
   """The example's command line (each process gets its rank appended by the launcher)."""
-  return [sys.executable, "-m", "benchmarks.train_lm", *TRAIN_ARGS,
+  return [sys.executable, "-m", "examples.lm.train", *TRAIN_ARGS,
           "--mesh", "x".join(map(str, job.mesh)), "--steps", str(steps),
           "--ckpt-dir", str(ckpt_dir), "--out", str(out_dir), "--resume"]
 
@@ -206,7 +206,7 @@ def final_states(workdirs: Sequence[Path], steps: int, mesh: tuple[int, int]) ->
   import numpy as np
 
   import muonclip_jax as mc
-  from benchmarks import harness as lm
+  from examples import lm
   args = dict(zip(TRAIN_ARGS[::2], TRAIN_ARGS[1::2], strict=False))
   cfg = lm.RunConfig(
       model=lm.ModelConfig(d_model=int(args["--d-model"]), num_layers=int(args["--layers"]),

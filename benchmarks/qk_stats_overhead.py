@@ -11,7 +11,7 @@ sowing, compiles to the same program as Flax's default, so its ratio shows the
 noise floor of the machine.
 
 Run: ``python -m benchmarks.qk_stats_overhead [--layers 4] [--d-model 256]
-[--seq 256] [--batch 4] [--rounds 21]``.
+[--seq-len 256] [--batch 4] [--rounds 21]``.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import optax
 from flax import linen as nn
 
 from benchmarks._common import block, machine, median, median_ratio, table, write_section
+from examples.lm.config import add_size_args
 from muonclip_jax import dot_product_attention
 
 TARGET = 1.03
@@ -161,22 +162,18 @@ def run(layers: int, d_model: int, heads: int, seq: int, batch: int, vocab: int,
 
 def main() -> None:
   ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--layers", type=int, default=4)
-  ap.add_argument("--d-model", type=int, default=256)
-  ap.add_argument("--heads", type=int, default=4)
-  ap.add_argument("--seq", type=int, default=256)
-  ap.add_argument("--batch", type=int, default=4)
+  add_size_args(ap, batch=4, seq_len=256, d_model=256, layers=4, heads=4)
   ap.add_argument("--vocab", type=int, default=512)
   ap.add_argument("--rounds", type=int, default=21)
   ap.add_argument("--no-write", action="store_true")
   args = ap.parse_args()
-  md, _ = run(args.layers, args.d_model, args.heads, args.seq, args.batch, args.vocab,
+  md, _ = run(args.layers, args.d_model, args.heads, args.seq_len, args.batch, args.vocab,
               args.rounds)
   if not args.no_write:
     write_section(
         f"qk_stats_overhead ({jax.devices()[0].platform})",
         f"Machine: {machine()}\n\nPre-LN linen transformer LM: {args.layers} layers, "
-        f"d_model {args.d_model}, {args.heads} heads, sequence {args.seq}, batch "
+        f"d_model {args.d_model}, {args.heads} heads, sequence {args.seq_len}, batch "
         f"{args.batch}, vocab {args.vocab}, f32, causal mask. One jitted step (forward, "
         f"backward, optax.adamw); the sowing step also returns the statistics. Medians of "
         f"{args.rounds} interleaved rounds.\n\n{md}")

@@ -1,7 +1,7 @@
 """Study: how many steps Muon and MuonClip need to reach AdamW's best loss.
 
 Byte-level language modelling on the standard-library corpus with the
-transformer of ``benchmarks/harness.py``. Each optimiser (AdamW, Muon, MuonClip) runs
+transformer of ``examples/lm/model.py``. Each optimiser (AdamW, Muon, MuonClip) runs
 a learning-rate sweep at an equal number of steps, with several seeds; every
 run uses the same warm-up + cosine schedule over the full horizon ``N``, the
 same batches and weight decay 0.1, and is evaluated on a fixed validation set
@@ -38,8 +38,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 from benchmarks import _common  # noqa: E402
-from benchmarks import harness as lm  # noqa: E402
-from benchmarks._argtypes import nonnegative_float, positive_float  # noqa: E402
+from examples import lm  # noqa: E402
+from examples.lm.argtypes import nonnegative_float, positive_float  # noqa: E402
 
 PLOTS = Path(__file__).with_name("plots")
 CACHE = ROOT / "runs" / "token_efficiency_cache"
@@ -91,7 +91,7 @@ def analyse(runs: dict[str, dict[float, list[dict[str, Any]]]], steps: int) -> d
   target = final["adamw"][best_lr["adamw"]]
   reach: dict[str, dict[float, float | None]] = {}
   for name, by in curves.items():
-    reach[name] = {lr: lm.steps_to_reach(s, v, target) for lr, (s, v) in by.items()}
+    reach[name] = {lr: _common.steps_to_reach(s, v, target) for lr, (s, v) in by.items()}
   fastest: dict[str, tuple[float | None, float | None]] = {}
   for name, r in reach.items():
     hits = [(s, lr) for lr, s in r.items() if s is not None]
@@ -163,7 +163,7 @@ def report(res: dict[str, Any], args: argparse.Namespace, seconds: float) -> str
   seeds = ", ".join(str(s) for s in args.seeds)
   return f"""
 Steps to reach AdamW's best final validation loss. Byte-level transformer of
-`benchmarks/harness.py` (d_model {args.d_model}, {args.layers} layers, {args.heads} heads,
+`examples/lm/model.py` (d_model {args.d_model}, {args.layers} layers, {args.heads} heads,
 RoPE) on the standard-library corpus; batch {args.batch} x {args.seq_len} bytes; {n} steps, warm-up
 {args.warmup} then cosine decay to 10 % for every run; weight decay {args.weight_decay:g}; Muon
 and MuonClip use one learning rate for both branches (Moonlight's 0.2 RMS match); MuonClip

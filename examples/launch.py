@@ -3,7 +3,7 @@
 Run::
 
   python examples/launch.py --num-processes 2 --devices-per-process 4 -- \\
-      python -m benchmarks.train_lm --mesh 4x2 --steps 50
+      python -m examples.lm.train --mesh 4x2 --steps 50
 
 Process ``i`` runs the command with ``--coordinator localhost:PORT --num-processes N
 --process-id i`` appended (a free port is picked unless ``--port`` is given), with

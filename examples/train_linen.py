@@ -11,9 +11,9 @@ with ``attention_fn=muonclip_jax.dot_product_attention``. Calling the layer with
   params = optax.apply_updates(params, updates)
 
 QK-Clip finds the ``query``/``key`` kernels next to each sown statistic by
-name. Data: the standard-library corpus and batches of ``train_nnx.py`` beside it.
+name. Data and optimiser: ``examples/lm/`` (the corpus, ``make_optimizer``).
 
-Run: ``python examples/train_linen.py --steps 100``.
+Run, from the repository root: ``python -m examples.train_linen --steps 100``.
 """
 
 from __future__ import annotations
@@ -28,10 +28,12 @@ import numpy as np
 import optax
 from flax import linen as nn
 
-# The script's own directory is on sys.path.
-from train_nnx import batches, check_finite, load_corpus, positive_float, positive_int
-
 import muonclip_jax
+from examples.lm.argtypes import positive_float
+from examples.lm.config import add_size_args
+from examples.lm.input_pipeline import ByteData, default_corpus
+from examples.lm.optim import OptimConfig, make_optimizer
+from examples.train_nnx import check_finite
 
 
 class Block(nn.Module):
@@ -95,29 +97,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   """Trains for ``--steps``; returns first/last loss and the last max logit."""
   p = argparse.ArgumentParser(description="MuonClip with Flax linen.")
   p.add_argument("--optimizer", choices=("muonclip", "muon", "adamw"), default="muonclip")
-  p.add_argument("--steps", type=positive_int, default=100)
   p.add_argument("--lr", type=positive_float, default=0.01)
   p.add_argument("--tau", type=positive_float, default=100.0)
-  p.add_argument("--batch", type=positive_int, default=16)
-  p.add_argument("--seq-len", type=positive_int, default=64)
+  add_size_args(p, steps=100, batch=16, seq_len=64)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
 
-  data = batches(load_corpus(), args.batch, args.seq_len, args.seed)
+  data = ByteData(default_corpus(), args.seq_len)
+  batch = lambda step: tuple(map(jnp.asarray, data.train_batch(args.seed, step, args.batch)))
   model = LinenLM(seq_len=args.seq_len)
-  x0, _ = next(data)
-  params = model.init(jax.random.key(args.seed), x0)["params"]
-  if args.optimizer == "muonclip":
-    tx = muonclip_jax.muonclip(args.lr, tau=args.tau)
-  elif args.optimizer == "muon":
-    tx = muonclip_jax.muon(args.lr)
-  else:
-    tx = optax.adamw(args.lr, b1=0.9, b2=0.95, weight_decay=0.1)
+  params = model.init(jax.random.key(args.seed), batch(0)[0])["params"]
+  tx = make_optimizer(OptimConfig(name=args.optimizer, lr=args.lr, tau=args.tau,
+                                  schedule="constant", warmup=0, total_steps=args.steps))
   opt_state = tx.init(params)
   step = make_train_step(model, tx)  # muon and adamw ignore max_logits=
   losses, max_logit = [], float("nan")
   for i in range(args.steps):
-    params, opt_state, loss, ml = step(params, opt_state, *next(data))
+    params, opt_state, loss, ml = step(params, opt_state, *batch(i))
     losses.append(float(loss))
     check_finite(losses[-1], i, args.lr)
     max_logit = float(ml)

@@ -20,8 +20,8 @@ import muonclip_jax as mc
 
 
 def lm_module() -> Any:
-  """``benchmarks/harness.py``."""
-  from benchmarks import harness as lm
+  """The LM trainer of ``examples/lm/``."""
+  from examples import lm
   return lm
 
 

@@ -158,8 +158,8 @@ def test_two_processes_save_and_restore_on_gs(gcs, tmp_path):  # noqa: F811
 
 
 def test_cli_saves_to_gs_and_resumes(gcs, tmp_path, capsys):  # noqa: F811
-  """``python -m benchmarks.train_lm --ckpt-dir gs://... [--resume]``, through its main()."""
-  from benchmarks import train_lm
+  """``python -m examples.lm.train --ckpt-dir gs://... [--resume]``, through its main()."""
+  from examples.lm import train as train_lm
   ckpt = gcs.prefix("cli")
   # AdamW compiles fastest; the checkpoint path is the same for every optimizer, and
   # MuonClip's state on gs:// is the round-trip test's.

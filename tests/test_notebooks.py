@@ -40,6 +40,17 @@ def test_committed_without_outputs(path: Path) -> None:
   assert "import muonclip_jax" in nb.cells[1].source  # the Colab set-up cell
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_needs_only_the_installed_package(path: Path) -> None:
+  """On Colab a notebook has the pip-installed package and nothing of the repository."""
+  code = "\n".join(c.source for c in nbformat.read(path, as_version=4).cells
+                   if c.cell_type == "code")
+  for crutch in ("sys.path", "git clone", "from examples", "from benchmarks", "import examples",
+                 "import benchmarks"):
+    assert crutch not in code, f"{path.name} uses {crutch!r}"
+  assert '%pip install -q "muonclip_jax[examples] @ git+' in code
+
+
 def _kernel_env(mp: pytest.MonkeyPatch) -> None:
   """The environment a kernel starts with (it copies ``os.environ`` at start)."""
   mp.setenv("MUONCLIP_NB_SMALL", "1")

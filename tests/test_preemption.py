@@ -2,7 +2,7 @@
 
 benchmarks/preemption.py does the work (it also records the figures in
 benchmarks/RESULTS.md, on 2 processes x 4 host devices): an uninterrupted run
-of ``benchmarks/train_lm.py``, then the same command SIGKILLed at random
+of ``examples/lm/train.py``, then the same command SIGKILLed at random
 moments (one of them while Orbax writes a step) and restarted with
 ``--resume``. Seven launches in all; to fit the CI budget each process here
 drives one host device (mesh 2x1, the data axis across the processes), which
