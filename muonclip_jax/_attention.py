@@ -53,7 +53,8 @@ Collecting the statistics:
 * Equinox, PyTorch-style or plain JAX: return :func:`head_max_logits` from the
   forward pass and pass ``{'path/to/attention': {'max_logits': value}}``.
 
-The statistics contract (what :func:`muonclip_jax.qk_clip` accepts): one
+The statistics contract (what :func:`muonclip_jax.qk_clip` accepts; stated
+once in :mod:`muonclip_jax._statistic`): one
 ``max_logits`` per attention layer, at the path of the module that owns the
 query/key parameters or of a parameter-less child of it (MaxText's
 ``attention_op``), shaped ``[layers..., batch..., heads]``: the scanned layer
@@ -72,7 +73,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from muonclip_jax._qk_layouts import MAX_LOGITS
+from muonclip_jax._statistic import MAX_LOGITS
 
 Array = jax.Array
 

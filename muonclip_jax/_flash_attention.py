@@ -46,7 +46,7 @@ from jax.sharding import PartitionSpec as P
 
 from muonclip_jax import _tokamax
 from muonclip_jax._attention import _check_qkv, sow_max_logits
-from muonclip_jax._qk_layouts import MAX_LOGITS
+from muonclip_jax._statistic import MAX_LOGITS
 
 __all__ = ["IMPLEMENTATIONS", "flash_attention"]
 

@@ -79,7 +79,6 @@ import optax
 from muonclip_jax._paths import leaves_with_paths, show_path
 from muonclip_jax._qk_layouts import (
   GQA_SHARINGS,
-  MAX_LOGITS,
   GQASharing,
   Layer,
   Path,
@@ -90,6 +89,7 @@ from muonclip_jax._qk_layouts import (
   resolve_layout,
   slot_factors,
 )
+from muonclip_jax._statistic import MAX_LOGITS, STATISTICS_CONTRACT
 
 LayoutsLike = QKLayout | Mapping[str, QKLayout] | None
 Schedule = int | Callable[[jax.Array], jax.Array]
@@ -464,7 +464,7 @@ def head_statistic(s: jax.Array, layer: Layer, where: str) -> jax.Array:
     return jnp.max(s, axis=tuple(range(n, len(shape) - 1)))
   raise ValueError(
       f"qk_clip: statistics at {where} have shape {shape}, expected {want} for layout "
-      f"{layer.layout.name!r} (statistics contract: [layers..., batch..., heads]: the "
+      f"{layer.layout.name!r} (statistics contract: {STATISTICS_CONTRACT}: the "
       f"layer (scan) axes {lead} of the parameters first, as a scan stacks them, then "
       f"any batch axes, which are max-reduced, then the {heads} query heads last; "
       f"parameters that keep their layer axis elsewhere than first, like MaxText's "

@@ -87,9 +87,7 @@ import jax
 import jax.numpy as jnp
 
 from muonclip_jax._paths import show_path
-
-# The name under which attention modules sow the per-head statistic.
-MAX_LOGITS = "max_logits"
+from muonclip_jax._statistic import MAX_LOGITS  # noqa: F401  (re-exported: old import path)
 
 Role = Literal["query", "key", "query_rope"]
 GQASharing = Literal["query", "group", "split"]
