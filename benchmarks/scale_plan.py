@@ -54,7 +54,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks._common import machine, table, write_section  # noqa: E402
 from muonclip_jax import default_param_labels, plan_muon_sharding  # noqa: E402
-from muonclip_jax._mesh_plan import Axes, _entry_axes  # noqa: E402
+from muonclip_jax._mesh_plan import Axes, entry_axes  # noqa: E402
 from muonclip_jax._newton_schulz import newton_schulz_flops  # noqa: E402
 
 K2 = dict(layers=61, dense_layers=1, hidden=7168, heads=64, q_lora=1536, kv_lora=512,
@@ -147,7 +147,7 @@ class XlaCost(NamedTuple):
 
 
 def _axes(entries: tuple, dims: tuple[int, ...]) -> Axes:
-  return tuple(a for d in dims for a in _entry_axes(entries[d] if d < len(entries) else None))
+  return tuple(a for d in dims for a in entry_axes(entries[d] if d < len(entries) else None))
 
 
 def xla_matrix_cost(shape: tuple[int, ...], entries: tuple, sizes: dict[str, int],

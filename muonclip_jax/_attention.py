@@ -246,7 +246,7 @@ def dot_product_attention(
     (2,)
   """
   # Validate and promote (Flax's checks and messages).
-  query, key, value = _check_qkv(query, key, value, dtype, promote_dtype, precision,
+  query, key, value = check_qkv(query, key, value, dtype, promote_dtype, precision,
                                  einsum_dot_general, qk_attn_weights_einsum,
                                  attn_weights_value_einsum)
   dtype = query.dtype
@@ -288,10 +288,10 @@ def dot_product_attention(
   return _weighted_values(weights, value, wv_einsum)
 
 
-def _check_qkv(query: Array, key: Array, value: Array, dtype: Any,
-               promote_dtype: Callable[..., Any] | None, precision: Any,
-               einsum_dot_general: Any, qk_einsum: Any, wv_einsum: Any
-               ) -> tuple[Array, Array, Array]:
+def check_qkv(query: Array, key: Array, value: Array, dtype: Any,
+              promote_dtype: Callable[..., Any] | None, precision: Any,
+              einsum_dot_general: Any, qk_einsum: Any, wv_einsum: Any
+              ) -> tuple[Array, Array, Array]:
   """Flax's argument checks; ``query, key, value`` promoted to one dtype."""
   if (qk_einsum is None) != (wv_einsum is None):
     raise ValueError("qk_attn_weights_einsum and attn_weights_value_einsum must be "

@@ -207,7 +207,7 @@ class _Pool(NamedTuple):
 
 
 def ns_flops(rows: int, cols: int, ns: NSOptions) -> int:
-  """FLOPs of one orthogonalisation as :func:`_orthogonalize` will run it."""
+  """FLOPs of one orthogonalisation as :func:`orthogonalize_traced` will run it."""
   steps = len(ns.config.triples)
   restarts = default_restarts(steps) if ns.restarts is None else ns.restarts
   method = ns.method
@@ -561,7 +561,7 @@ def plan_mesh(shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
   return MeshPlan(tuple(arrays), tuple(branches), tuple(branch_of), max(load), total)
 
 
-def _entry_axes(entry: Any) -> Axes:
+def entry_axes(entry: Any) -> Axes:
   """Mesh axes of one PartitionSpec entry."""
   if entry is None or entry is P.UNCONSTRAINED:
     return ()
@@ -577,7 +577,7 @@ def view_spec(spec: P, shape: Sequence[int], batch: Sequence[int], red: Sequence
   sharding is not a tiling (``None``, and the leaf is gathered on entry).
   """
   spec = tuple(spec)
-  entries = [_entry_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
+  entries = [entry_axes(e) for e in spec] + [()] * (len(shape) - len(spec))
 
   def merge(dims: Sequence[int]) -> Axes | None:
     sharded = [t for t, d in enumerate(dims) if entries[d]]

@@ -160,8 +160,8 @@ def _gram(x: jax.Array, cfg: NSConfig, wide: bool, eps: float,
   return apply(q, x)
 
 
-def _orthogonalize(x: jax.Array, cfg: NSConfig, compute_dtype: jnp.dtype, method: str,
-                   restarts: tuple[int, ...] | None, eps: float) -> jax.Array:
+def orthogonalize_traced(x: jax.Array, cfg: NSConfig, compute_dtype: jnp.dtype, method: str,
+                         restarts: tuple[int, ...] | None, eps: float) -> jax.Array:
   """Traceable body of :func:`orthogonalize` (no jit, static configuration)."""
   out_dtype = x.dtype
   m, n = x.shape[-2], x.shape[-1]
@@ -187,8 +187,8 @@ def _orthogonalize(x: jax.Array, cfg: NSConfig, compute_dtype: jnp.dtype, method
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _orthogonalize_jit(x, cfg, compute_dtype, method, restarts, eps):
-  return _orthogonalize(x, cfg, compute_dtype, method, restarts, eps)
+def orthogonalize_jit(x, cfg, compute_dtype, method, restarts, eps):
+  return orthogonalize_traced(x, cfg, compute_dtype, method, restarts, eps)
 
 
 def resolve_compute_dtype(dtype, x_dtype) -> jnp.dtype:
@@ -267,7 +267,7 @@ def orthogonalize(
   compute = resolve_compute_dtype(dtype, x.dtype)
   check_method(method)
   rs = None if restarts is None else tuple(int(r) for r in restarts)
-  return _orthogonalize_jit(x, cfg, compute, method, rs, float(eps))
+  return orthogonalize_jit(x, cfg, compute, method, rs, float(eps))
 
 
 class Orthogonalizer:
@@ -290,7 +290,7 @@ class Orthogonalizer:
     out = []
     for m in mats:
       dtype = resolve_compute_dtype(ns.dtype, m.dtype)
-      out.append(_orthogonalize(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
+      out.append(orthogonalize_traced(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
     return out
 
   def record(self, params: object) -> None:

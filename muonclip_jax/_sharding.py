@@ -85,7 +85,7 @@ from muonclip_jax._mesh_plan import (
   plan_muon_sharding,
   view_spec,
 )
-from muonclip_jax._newton_schulz import NSOptions, _orthogonalize, resolve_compute_dtype
+from muonclip_jax._newton_schulz import NSOptions, orthogonalize_traced, resolve_compute_dtype
 from muonclip_jax._paths import path_str
 
 __all__ = [
@@ -158,7 +158,7 @@ class MeshOrthogonalizer:
                        f"got {len(specs)}")
     plan = self.plan([tuple(m.shape) for m in mats], [m.dtype for m in mats], ns, specs)
     inputs, in_specs = _pack(plan, mats)
-    fns = [functools.partial(_orthogonalize, cfg=ns.config,
+    fns = [functools.partial(orthogonalize_traced, cfg=ns.config,
                              compute_dtype=resolve_compute_dtype(ns.dtype, a.dtype),
                              method=ns.method, restarts=ns.restarts, eps=ns.eps)
            for a in plan.arrays]
