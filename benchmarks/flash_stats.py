@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks._common import machine, table, write_section
+from benchmarks.hlo import compiled_flops
 from muonclip_jax import max_logits_blockwise
 from muonclip_jax._flash_attention import head_max_from_rows
-from muonclip_jax._hlo import compiled_flops
 from muonclip_jax._tokamax import load
 
 HEADS, DEPTH = 8, 128

@@ -242,7 +242,7 @@ def validate() -> list[list[object]]:
   """The XLA model against the compiled HLO of ``optax.contrib.muon`` on 8 host devices."""
   import optax
 
-  from muonclip_jax._hlo import collective_stats, compiled_flops
+  from benchmarks.hlo import collective_stats, compiled_flops
 
   rows = []
   m8 = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -26,9 +26,9 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import muonclip_jax as mc
+from benchmarks.hlo import collective_stats, compiled_flops
 from muonclip_jax._coefficients import resolve_coefficients
 from muonclip_jax._dimensions import default_dimension_numbers
-from muonclip_jax._hlo import collective_stats, compiled_flops
 from muonclip_jax._mesh_plan import ns_flops as _ns_flops
 from muonclip_jax._mesh_plan import plan_mesh, view_spec
 from muonclip_jax._muon import plan_leaves
