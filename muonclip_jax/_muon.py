@@ -30,6 +30,7 @@ from muonclip_jax._dimensions import (
 from muonclip_jax._layer_axis import LayerAxisLike, check_layer_axis, check_layer_axis_used
 from muonclip_jax._momentum import momentum_step
 from muonclip_jax._newton_schulz import (
+  LocalOrthogonalizer,
   NSOptions,
   Orthogonalizer,
   check_method,
@@ -188,14 +189,16 @@ def scale_by_muon(
   rules_fn = dimension_rules_fn(dimension_numbers, layer_axis=layer_axis, per_head=per_head)
   dims_fn = lambda path, shape: rules_fn(path, shape).dims
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  orthogonalizer = Orthogonalizer() if mesh is None else mesh_orthogonalizer(mesh)
+  on_mesh = None if mesh is None else mesh_orthogonalizer(mesh)
+  orthogonalizer: Orthogonalizer = LocalOrthogonalizer() if on_mesh is None else on_mesh
 
   def init_fn(params):
     plan_leaves(params, dims_fn)  # Fail early, naming the path, on bad shapes.
     check_layer_axis_used(
         (path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]), layer_axis)
     check_orientations(params, rules_fn, scaling)
-    orthogonalizer.record(params)  # Output shardings for AxisType.Auto meshes.
+    if on_mesh is not None:
+      on_mesh.record(params)  # Output shardings for AxisType.Auto meshes.
     return ScaleByMuonState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
   def update_fn(updates, state, params=None, view_specs=None):
@@ -213,8 +216,10 @@ def scale_by_muon(
     new_mu = jax.tree.unflatten(treedef, [m for m, _ in stepped])
     return jax.tree.unflatten(treedef, out), ScaleByMuonState(mu=new_mu)
 
+  if on_mesh is None:
+    return optax.GradientTransformation(init_fn, update_fn)
   # On a mesh: view shardings in, every output in its parameter's sharding.
-  return optax.GradientTransformation(init_fn, orthogonalizer.wrap_update(update_fn, dims_fn))
+  return optax.GradientTransformation(init_fn, on_mesh.wrap_update(update_fn, dims_fn))
 
 
 def _check_nonnegative(name: str, value: Any) -> None:

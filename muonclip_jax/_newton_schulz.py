@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -270,19 +270,28 @@ def orthogonalize(
   return orthogonalize_jit(x, cfg, compute, method, rs, float(eps))
 
 
-class Orthogonalizer:
-  """Orthogonalises the matrices of one Muon update, on one device.
+@runtime_checkable
+class Orthogonalizer(Protocol):
+  """Orthogonalises the matrices of one Muon update: the interface :func:`scale_by_muon` calls.
 
-  The interface :func:`muonclip_jax.scale_by_muon` calls, shared with the
-  mesh version (:class:`muonclip_jax._sharding.MeshOrthogonalizer`):
+  ``fn(mats, ns, specs=None)`` maps a list of ``(batch, fan_in, fan_out)``
+  arrays to their orthogonalisations (same shapes and dtypes). ``specs`` are
+  their view shardings where known (``None`` entries where not); an
+  implementation that does not shard ignores them.
 
-  - ``fn(mats, ns, specs=None)`` maps a list of ``(batch, fan_in, fan_out)``
-    arrays to their orthogonalisations (same shapes and dtypes); ``specs``
-    are their view shardings where known (ignored here);
-  - ``record(params)`` is called by ``init`` with the parameters (nothing to
-    record on one device);
-  - ``wrap_update(update_fn, dims_fn)`` wraps the update (here unchanged).
+  Implementations: :class:`LocalOrthogonalizer` (one device) and
+  :class:`muonclip_jax._sharding.MeshOrthogonalizer` (a mesh; it also
+  carries the ``init``/``update`` hooks a mesh needs, which
+  :func:`muonclip_jax.scale_by_muon` calls only on a mesh).
   """
+
+  def __call__(self, mats: Sequence[jax.Array], ns: NSOptions,
+               specs: Sequence[object] | None = None) -> list[jax.Array]:
+    ...
+
+
+class LocalOrthogonalizer:
+  """The :class:`Orthogonalizer` on one device: each matrix orthogonalised in turn."""
 
   def __call__(self, mats: Sequence[jax.Array], ns: NSOptions,
                specs: Sequence[object] | None = None) -> list[jax.Array]:
@@ -292,10 +301,3 @@ class Orthogonalizer:
       dtype = resolve_compute_dtype(ns.dtype, m.dtype)
       out.append(orthogonalize_traced(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
     return out
-
-  def record(self, params: object) -> None:
-    del params
-
-  def wrap_update(self, update_fn, dims_fn):
-    del dims_fn
-    return update_fn

@@ -122,8 +122,8 @@ class _Undo(NamedTuple):
 class MeshOrthogonalizer:
   """Callable ``(mats, ns, specs) -> orthogonalised mats`` on a mesh (see module doc).
 
-  The same interface as the single-device
-  :class:`muonclip_jax._newton_schulz.Orthogonalizer`. Also carries the update
+  Satisfies the :class:`muonclip_jax._newton_schulz.Orthogonalizer` protocol,
+  like the single-device ``LocalOrthogonalizer``. Also carries the update
   wrapper (:meth:`wrap_update`) that passes the view shardings in and sets
   the output shardings, and the shardings ``init`` recorded for
   ``AxisType.Auto`` meshes.

@@ -32,7 +32,7 @@ from muonclip_jax._dimensions import default_dimension_numbers
 from muonclip_jax._mesh_plan import ns_flops as _ns_flops
 from muonclip_jax._mesh_plan import plan_mesh, view_spec
 from muonclip_jax._muon import plan_leaves
-from muonclip_jax._newton_schulz import NSOptions, Orthogonalizer
+from muonclip_jax._newton_schulz import LocalOrthogonalizer, NSOptions, Orthogonalizer
 from muonclip_jax._sharding import mesh_orthogonalizer, muon_sharding_summary
 
 ATOL = 2e-5
@@ -504,8 +504,14 @@ def test_orthogonalizer_without_specs_is_correct():
   mats = [_rand(rng, (3, 32, 64)), _rand(rng, (5, 64, 32)), _rand(rng, (1, 48, 48))]
   orth = mesh_orthogonalizer(mesh)
   got = jax.jit(lambda ms: orth(ms, NS))(mats)
-  want = jax.jit(lambda ms: Orthogonalizer()(ms, NS))(mats)  # one compile, not per op
+  want = jax.jit(lambda ms: LocalOrthogonalizer()(ms, NS))(mats)  # one compile, not per op
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_both_orthogonalizers_satisfy_the_declared_protocol():
+  assert isinstance(LocalOrthogonalizer(), Orthogonalizer)
+  assert isinstance(mesh_orthogonalizer(mesh24()), Orthogonalizer)
+  assert not isinstance(object(), Orthogonalizer)
 
 
 @pytest.mark.parametrize("size", [2.7, 0, -2, "2", True, 2.0])
