@@ -30,7 +30,7 @@ from muonclip_jax._flash_attention import flash_attention
 from muonclip_jax._mesh_plan import MuonShardingPlan, plan_muon_sharding
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
 from muonclip_jax._muonclip import muonclip
-from muonclip_jax._newton_schulz import orthogonalize
+from muonclip_jax._newton_schulz import NewtonSchulz, orthogonalize
 from muonclip_jax._qk_clip import (
   QKClipState,
   accumulate_max_logits,
@@ -77,6 +77,7 @@ __all__ = [
     "MuonDimensionNumbers",
     "MuonRouting",
     "MuonShardingPlan",
+    "NewtonSchulz",
     "NSConfig",
     "orthogonalize",
     "plan_muon_sharding",

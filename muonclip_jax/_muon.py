@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from muonclip_jax._coefficients import CoeffsLike, resolve_coefficients
+from muonclip_jax._coefficients import CoeffsLike
 from muonclip_jax._dimensions import (
   DimensionNumbersLike,
   DimensionRule,
@@ -31,10 +31,9 @@ from muonclip_jax._layer_axis import LayerAxisLike, check_layer_axis, check_laye
 from muonclip_jax._momentum import momentum_step
 from muonclip_jax._newton_schulz import (
   LocalOrthogonalizer,
-  NSOptions,
+  NewtonSchulz,
   Orthogonalizer,
-  check_method,
-  resolve_compute_dtype,
+  newton_schulz_options,
 )
 from muonclip_jax._paths import path_str
 from muonclip_jax._routing import ADAMW, MUON, resolve_labels
@@ -106,6 +105,7 @@ def scale_by_muon(
     beta: jax.typing.ArrayLike = 0.95,
     *,
     nesterov: bool = True,
+    newton_schulz: NewtonSchulz | None = None,
     coeffs: CoeffsLike = "keller",
     steps: int | None = None,
     ns_dtype: jax.typing.DTypeLike | None = None,
@@ -133,6 +133,10 @@ def scale_by_muon(
   Args:
     beta: momentum coefficient ``beta`` (0.95); ``M`` (state ``mu``) is the buffer.
     nesterov: feed ``G_t + beta M_t`` (True) or ``M_t`` to Newton–Schulz.
+    newton_schulz: the Newton–Schulz options as one
+      :class:`muonclip_jax.NewtonSchulz`; the five keywords below are the same
+      options one by one (kept for backward compatibility; a field set in
+      both places is refused).
     coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
     steps: Newton–Schulz steps (default: the preset's).
     ns_dtype: compute dtype of Newton–Schulz (default: the update's dtype).
@@ -177,13 +181,8 @@ def scale_by_muon(
     Liu et al., `Muon is Scalable for LLM Training
     <https://arxiv.org/abs/2502.16982>`_, 2025 (§2.2, the ``"rms"`` scaling).
   """
-  ns = NSOptions(
-      config=resolve_coefficients(coeffs, steps),
-      dtype=None if ns_dtype is None else resolve_compute_dtype(ns_dtype, jnp.float32),
-      method=check_method(method),
-      restarts=None if restarts is None else tuple(int(r) for r in restarts),
-      eps=eps,  # May be an array under optax.inject_hyperparams.
-  )
+  ns = newton_schulz_options(newton_schulz, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype,
+                            method=method, restarts=restarts, eps=eps)
   scaling = check_shape_scaling(shape_scaling)
   layer_axis = check_layer_axis(layer_axis)
   rules_fn = dimension_rules_fn(dimension_numbers, layer_axis=layer_axis, per_head=per_head)
@@ -241,6 +240,7 @@ def muon(
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     nesterov: bool = True,
+    newton_schulz: NewtonSchulz | None = None,
     coeffs: CoeffsLike = "keller",
     steps: int | None = None,
     ns_dtype: jax.typing.DTypeLike | None = None,
@@ -277,8 +277,9 @@ def muon(
 
   Works under ``optax.inject_hyperparams`` (for instance
   ``inject_hyperparams(muon)(learning_rate=sched, weight_decay=0.1)``); pass
-  ``static_args=("steps",)`` there if you set ``steps``, and
-  ``("layer_axis",)`` if you set an int ``layer_axis``.
+  ``static_args=("steps",)`` there if you set ``steps`` as a keyword (not
+  needed inside ``newton_schulz=NewtonSchulz(steps=...)``, which is static),
+  and ``("layer_axis",)`` if you set an int ``layer_axis``.
 
   Args:
     learning_rate: scalar or schedule for the Muon branch.
@@ -287,6 +288,7 @@ def muon(
       ``optax.add_decayed_weights``) of parameters that decay.
     beta: momentum coefficient (see :func:`scale_by_muon`).
     nesterov: Nesterov momentum (see :func:`scale_by_muon`).
+    newton_schulz: the Newton–Schulz options in one object (see :func:`scale_by_muon`).
     coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
     steps: Newton–Schulz steps (default: the preset's).
     ns_dtype: Newton–Schulz compute dtype (default: the update's).
@@ -344,9 +346,9 @@ def muon(
     adam_learning_rate = learning_rate
   _check_nonnegative("adam_learning_rate", adam_learning_rate)
   muon_tx = optax.chain(
-      scale_by_muon(beta, nesterov=nesterov, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype,
-                    method=method, restarts=restarts, eps=eps, shape_scaling=shape_scaling,
-                    rms_scale=rms_scale, mu_dtype=mu_dtype,
+      scale_by_muon(beta, nesterov=nesterov, newton_schulz=newton_schulz, coeffs=coeffs,
+                    steps=steps, ns_dtype=ns_dtype, method=method, restarts=restarts,
+                    eps=eps, shape_scaling=shape_scaling, rms_scale=rms_scale, mu_dtype=mu_dtype,
                     dimension_numbers=dimension_numbers, layer_axis=layer_axis,
                     per_head=per_head, mesh=mesh),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),

@@ -59,6 +59,84 @@ class NSOptions(NamedTuple):
   eps: jax.typing.ArrayLike
 
 
+class NewtonSchulz(NamedTuple):
+  """The Newton–Schulz options of :func:`muonclip_jax.scale_by_muon`, in one object.
+
+  Pass it as ``newton_schulz=`` to :func:`muonclip_jax.scale_by_muon`,
+  :func:`muonclip_jax.muon` or :func:`muonclip_jax.muonclip`; they forward it
+  unchanged, so a new option is a new field here and nowhere else. A field
+  left ``None`` takes the value of the matching keyword (``coeffs``,
+  ``steps``, ``ns_dtype``, ``method``, ``restarts``), which those functions
+  keep for backward compatibility; setting both a field and its keyword is
+  refused. Every field is static: none becomes an
+  ``optax.inject_hyperparams`` hyperparameter (``eps`` stays a keyword, and
+  one, for that reason).
+
+  Attributes:
+    coeffs: a preset name or coefficients (see :func:`orthogonalize`).
+    steps: number of steps (default: the preset's).
+    dtype: compute dtype (default: each matrix's own).
+    method: ``"auto"``, ``"standard"`` or ``"gram"``.
+    restarts: Gram-path restarts (default: :func:`default_restarts`).
+
+  Example:
+    >>> from muonclip_jax import NewtonSchulz, muon
+    >>> tx = muon(0.02, newton_schulz=NewtonSchulz(coeffs="polar_express", steps=8))
+  """
+
+  coeffs: CoeffsLike | None = None
+  steps: int | None = None
+  dtype: jax.typing.DTypeLike | None = None
+  method: str | None = None
+  restarts: Sequence[int] | None = None
+
+
+# The keyword form of each NewtonSchulz field, and the keyword's default.
+_KEYWORDS = {"coeffs": ("coeffs", "keller"), "steps": ("steps", None),
+             "dtype": ("ns_dtype", None), "method": ("method", "auto"),
+             "restarts": ("restarts", None)}
+
+
+def _is_default(value: object, default: object) -> bool:
+  return value is default or (isinstance(value, str) and value == default)
+
+
+def newton_schulz_options(newton_schulz: NewtonSchulz | None, *, coeffs: CoeffsLike,
+                          steps: int | None, ns_dtype: jax.typing.DTypeLike | None,
+                          method: str, restarts: Sequence[int] | None,
+                          eps: jax.typing.ArrayLike) -> NSOptions:
+  """Checked, resolved :class:`NSOptions` from ``newton_schulz`` and the keywords.
+
+  Raises:
+    TypeError: ``newton_schulz`` is not a :class:`NewtonSchulz`.
+    ValueError: a field of ``newton_schulz`` and its keyword are both set, or
+      an unknown preset, method or dtype.
+  """
+  given = {"coeffs": coeffs, "steps": steps, "dtype": ns_dtype, "method": method,
+           "restarts": restarts}
+  if newton_schulz is not None:
+    if not isinstance(newton_schulz, NewtonSchulz):
+      raise TypeError(f"newton_schulz: expected a muonclip_jax.NewtonSchulz, got "
+                      f"{type(newton_schulz).__name__}")
+    for field, value in newton_schulz._asdict().items():
+      if value is None:
+        continue
+      keyword, default = _KEYWORDS[field]
+      if not _is_default(given[field], default):
+        raise ValueError(
+            f"newton_schulz: {field} is set both in newton_schulz=NewtonSchulz({field}=...) "
+            f"and as the keyword {keyword}=; set it in one place only")
+      given[field] = value
+  return NSOptions(
+      config=resolve_coefficients(given["coeffs"], given["steps"]),
+      dtype=(None if given["dtype"] is None
+             else resolve_compute_dtype(given["dtype"], jnp.float32)),
+      method=check_method(given["method"]),
+      restarts=None if given["restarts"] is None else tuple(int(r) for r in given["restarts"]),
+      eps=eps,  # May be an array under optax.inject_hyperparams.
+  )
+
+
 def newton_schulz_flops(m: int, n: int, steps: int, method: str,
                         restarts: Sequence[int] = ()) -> int:
   """Matmul FLOPs of one ``m x n`` orthogonalisation (``m <= n`` after transposing)."""
