@@ -6,6 +6,22 @@ Data flow, one module each: momentum (``_momentum``) -> orthogonalise
 QK-Clip (``_qk_clip``, its telemetry ``_qk_clip_metrics``). Parameter names:
 ``_paths``; which leaves Muon takes and how it views them: ``_routing``,
 ``_dimensions``, ``_layer_axis``, printed by ``_routing_report``.
+
+The house drawing: modules by layer; an import only runs down or sideways,
+never up, and there is no cycle (``tests/test_architecture.py`` checks both
+against the same table)::
+
+  5  __init__ (the public API)
+  4  _muonclip
+  3  _muon  _qk_clip_metrics
+  2  _mesh_plan  _sharding  _routing_report  _qk_clip
+  1  _momentum  _newton_schulz  _shape_scaling  _dimensions  _routing
+     _qk_layouts  _attention  _flash_attention
+  0  _paths  _statistic  _coefficients  _layer_axis  _tokamax  _checkpoint
+
+The attention side (``_attention``, ``_flash_attention``) produces the
+statistic and the optimizer side (``_qk_clip``) consumes it; they meet only
+in ``_statistic``.
 """
 
 from muonclip_jax._attention import (
