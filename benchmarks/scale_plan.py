@@ -54,8 +54,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks._common import machine, table, write_section  # noqa: E402
 from muonclip_jax import default_param_labels, plan_muon_sharding  # noqa: E402
-from muonclip_jax._mesh_plan import Axes, entry_axes  # noqa: E402
 from muonclip_jax._newton_schulz import newton_schulz_flops  # noqa: E402
+from muonclip_jax._view_sharding import Axes, entry_axes  # noqa: E402
 
 K2 = dict(layers=61, dense_layers=1, hidden=7168, heads=64, q_lora=1536, kv_lora=512,
           qk_nope=128, rope=64, v=128, experts=384, active_experts=8, shared_experts=1,

@@ -1,7 +1,7 @@
 """muonclip_jax: MuonClip for JAX.
 
 Data flow, one module each: momentum (``_momentum``) -> orthogonalise
-(``_newton_schulz``; on a mesh ``_mesh_plan`` + ``_sharding``) -> scale
+(``_newton_schulz``; on a mesh ``_sharding``, placed by ``_mesh_placement``) -> scale
 (``_shape_scaling``) -> decay and learning rate (``_muon``, through optax) ->
 QK-Clip (``_qk_clip``, its telemetry ``_qk_clip_metrics``). Parameter names:
 ``_paths``; which leaves Muon takes and how it views them: ``_routing``,
@@ -14,10 +14,11 @@ against the same table)::
   5  __init__ (the public API)
   4  _muonclip
   3  _muon  _qk_clip_metrics
-  2  _mesh_plan  _sharding  _routing_report  _qk_clip
+  2  _mesh_plan  _sharding  _mesh_cost  _routing_report  _qk_clip
   1  _momentum  _newton_schulz  _shape_scaling  _dimensions  _routing
-     _qk_layouts  _attention  _flash_attention
-  0  _paths  _statistic  _coefficients  _layer_axis  _tokamax  _checkpoint
+     _mesh_placement  _qk_layouts  _attention  _flash_attention
+  0  _paths  _statistic  _coefficients  _layer_axis  _view_sharding  _tokamax
+     _checkpoint
 
 The attention side (``_attention``, ``_flash_attention``) produces the
 statistic and the optimizer side (``_qk_clip``) consumes it; they meet only
@@ -43,7 +44,7 @@ from muonclip_jax._checkpoint import (
 from muonclip_jax._coefficients import PRESETS, NSConfig, resolve_coefficients
 from muonclip_jax._dimensions import MuonDimensionNumbers, default_dimension_numbers
 from muonclip_jax._flash_attention import flash_attention
-from muonclip_jax._mesh_plan import MuonShardingPlan, plan_muon_sharding
+from muonclip_jax._mesh_plan import MuonShardingPlan, muon_sharding_summary, plan_muon_sharding
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
 from muonclip_jax._muonclip import muonclip
 from muonclip_jax._newton_schulz import NewtonSchulz, orthogonalize
@@ -66,7 +67,7 @@ from muonclip_jax._qk_layouts import (
 )
 from muonclip_jax._routing import default_label, default_param_labels
 from muonclip_jax._routing_report import MuonRouting, RoutedLeaf, muon_routing
-from muonclip_jax._sharding import mesh_orthogonalizer, muon_sharding_summary
+from muonclip_jax._sharding import mesh_orthogonalizer
 
 __all__ = [
     "accumulate_max_logits",

@@ -23,6 +23,7 @@ from muonclip_jax._coefficients import CoeffsLike
 from muonclip_jax._dimensions import (
   DimensionNumbersLike,
   DimensionRule,
+  check_matrix_rank,
   dimension_rules_fn,
   fan_in_out,
   matrix_view,
@@ -65,9 +66,7 @@ def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensi
   for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     path = path_str(p)
     shape = tuple(x.shape)
-    if len(shape) < 2:
-      raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {shape}; "
-                       "route it to AdamW (see muonclip_jax.muon's param_labels)")
+    check_matrix_rank(path, shape)
     dims = dims_fn(path, shape)
     to_m, from_m, flat = matrix_view(path, shape, dims)
     fi, fo = fan_in_out(path, shape, dims)

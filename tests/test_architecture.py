@@ -16,12 +16,13 @@ import muonclip_jax
 LAYERS = {
     # 0. Vocabulary: names, the statistic's contract, coefficients, adapters.
     "_paths": 0, "_statistic": 0, "_coefficients": 0, "_layer_axis": 0, "_tokamax": 0,
-    "_checkpoint": 0,
+    "_checkpoint": 0, "_view_sharding": 0,
     # 1. One stage of the algorithm each, or one question about a leaf.
     "_momentum": 1, "_shape_scaling": 1, "_newton_schulz": 1, "_dimensions": 1,
     "_routing": 1, "_qk_layouts": 1, "_attention": 1, "_flash_attention": 1,
+    "_mesh_placement": 1,
     # 2. Plans and reports built from the stages; QK-Clip.
-    "_mesh_plan": 2, "_routing_report": 2, "_qk_clip": 2, "_sharding": 2,
+    "_mesh_plan": 2, "_mesh_cost": 2, "_routing_report": 2, "_qk_clip": 2, "_sharding": 2,
     # 3. Transforms built from those.
     "_muon": 3, "_qk_clip_metrics": 3,
     # 4. The composite optimiser.

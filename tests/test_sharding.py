@@ -29,11 +29,13 @@ import muonclip_jax as mc
 from benchmarks.hlo import collective_stats, compiled_flops
 from muonclip_jax._coefficients import resolve_coefficients
 from muonclip_jax._dimensions import default_dimension_numbers
-from muonclip_jax._mesh_plan import ns_flops as _ns_flops
-from muonclip_jax._mesh_plan import plan_mesh, view_spec
+from muonclip_jax._mesh_placement import ns_flops as _ns_flops
+from muonclip_jax._mesh_placement import plan_mesh
+from muonclip_jax._mesh_plan import muon_sharding_summary
 from muonclip_jax._muon import plan_leaves
 from muonclip_jax._newton_schulz import LocalOrthogonalizer, NSOptions, Orthogonalizer
-from muonclip_jax._sharding import mesh_orthogonalizer, muon_sharding_summary
+from muonclip_jax._sharding import mesh_orthogonalizer
+from muonclip_jax._view_sharding import view_spec
 
 ATOL = 2e-5
 NS = NSOptions(resolve_coefficients("keller"), None, "auto", None, 1e-7)
