@@ -1,11 +1,13 @@
 """muonclip_jax: MuonClip for JAX.
 
 Data flow, one module each: momentum (``_momentum``) -> orthogonalise
-(``_newton_schulz``; on a mesh ``_sharding``, placed by ``_mesh_placement``) -> scale
-(``_shape_scaling``) -> decay and learning rate (``_muon``, through optax) ->
-QK-Clip (``_qk_clip``, its telemetry ``_qk_clip_metrics``). Parameter names:
-``_paths``; which leaves Muon takes and how it views them: ``_routing``,
-``_dimensions``, ``_layer_axis``, printed by ``_routing_report``.
+(``_newton_schulz``; on a mesh ``_sharding``, placed by ``_mesh_placement``)
+-> scale (``_shape_scaling``) -> decay and learning rate (``_muon``, through
+optax) -> QK-Clip (``_qk_clip``; statistics gathered by ``_qk_statistics``,
+layers found by ``_qk_discovery``, factors by ``_qk_factors``; telemetry
+``_qk_clip_metrics``). Parameter names: ``_paths``; which leaves Muon takes
+and how it views them: ``_routing``, ``_dimensions``, ``_layer_axis``, printed
+by ``_routing_report``.
 
 The house drawing: modules by layer; an import only runs down or sideways,
 never up, and there is no cycle (``tests/test_architecture.py`` checks both
@@ -13,8 +15,9 @@ against the same table)::
 
   5  __init__ (the public API)
   4  _muonclip
-  3  _muon  _qk_clip_metrics
-  2  _mesh_plan  _sharding  _mesh_cost  _routing_report  _qk_clip
+  3  _muon  _qk_clip  _qk_clip_metrics
+  2  _mesh_plan  _sharding  _mesh_cost  _routing_report
+     _qk_statistics  _qk_discovery  _qk_factors
   1  _momentum  _newton_schulz  _shape_scaling  _dimensions  _routing
      _mesh_placement  _qk_layouts  _attention  _flash_attention
   0  _paths  _statistic  _coefficients  _layer_axis  _view_sharding  _tokamax
@@ -48,13 +51,7 @@ from muonclip_jax._mesh_plan import MuonShardingPlan, muon_sharding_summary, pla
 from muonclip_jax._muon import ScaleByMuonState, muon, scale_by_muon
 from muonclip_jax._muonclip import muonclip
 from muonclip_jax._newton_schulz import NewtonSchulz, orthogonalize
-from muonclip_jax._qk_clip import (
-  QKClipState,
-  accumulate_max_logits,
-  collect_max_logits,
-  qk_clip,
-  reduce_max_logits,
-)
+from muonclip_jax._qk_clip import QKClipState, qk_clip
 from muonclip_jax._qk_clip_metrics import qk_clip_metrics
 from muonclip_jax._qk_layouts import (
   QKLayout,
@@ -64,6 +61,11 @@ from muonclip_jax._qk_layouts import (
   mla,
   qk_norm,
   separate_qk,
+)
+from muonclip_jax._qk_statistics import (
+  accumulate_max_logits,
+  collect_max_logits,
+  reduce_max_logits,
 )
 from muonclip_jax._routing import default_label, default_param_labels
 from muonclip_jax._routing_report import MuonRouting, RoutedLeaf, muon_routing

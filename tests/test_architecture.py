@@ -22,9 +22,10 @@ LAYERS = {
     "_routing": 1, "_qk_layouts": 1, "_attention": 1, "_flash_attention": 1,
     "_mesh_placement": 1,
     # 2. Plans and reports built from the stages; QK-Clip.
-    "_mesh_plan": 2, "_mesh_cost": 2, "_routing_report": 2, "_qk_clip": 2, "_sharding": 2,
+    "_mesh_plan": 2, "_mesh_cost": 2, "_routing_report": 2, "_sharding": 2,
+    "_qk_statistics": 2, "_qk_discovery": 2, "_qk_factors": 2,
     # 3. Transforms built from those.
-    "_muon": 3, "_qk_clip_metrics": 3,
+    "_muon": 3, "_qk_clip": 3, "_qk_clip_metrics": 3,
     # 4. The composite optimiser.
     "_muonclip": 4,
     # 5. The public API.
@@ -87,5 +88,5 @@ def test_imports_only_run_down_the_layers():
 def test_the_test_sees_a_real_graph():
   """The parser finds known arrows, so an empty graph cannot pass for a clean one."""
   graph = _graph()
-  assert "_statistic" in graph["_attention"] and "_statistic" in graph["_qk_clip"]
+  assert "_statistic" in graph["_attention"] and "_statistic" in graph["_qk_statistics"]
   assert "_muon" in graph["_muonclip"] and "_sharding" in graph["_muon"]
