@@ -48,8 +48,12 @@ class ScaleByMuonState(NamedTuple):
   mu: optax.Updates
 
 
-class LeafPlan(NamedTuple):
-  """How one leaf is orthogonalised: its matrix view and shape scale."""
+class LeafMatrix(NamedTuple):
+  """One leaf as Muon sees it: its matrix view, the way back, and its fans.
+
+  (Not a "plan": in this package that word means the mesh plan,
+  :mod:`muonclip_jax._mesh_placement` and :mod:`muonclip_jax._mesh_plan`.)
+  """
 
   path: str
   to_matrix: Callable[[jax.Array], jax.Array]
@@ -59,10 +63,10 @@ class LeafPlan(NamedTuple):
   fan_out: int
 
 
-def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensionNumbers]
-                ) -> list[LeafPlan]:
-  """One :class:`LeafPlan` per leaf of ``tree`` (in flattening order)."""
-  plans = []
+def leaf_matrices(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensionNumbers]
+                  ) -> list[LeafMatrix]:
+  """One :class:`LeafMatrix` per leaf of ``tree`` (in flattening order)."""
+  views = []
   for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     path = path_str(p)
     shape = tuple(x.shape)
@@ -70,8 +74,13 @@ def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensi
     dims = dims_fn(path, shape)
     to_m, from_m, flat = matrix_view(path, shape, dims)
     fi, fo = fan_in_out(path, shape, dims)
-    plans.append(LeafPlan(path, to_m, from_m, flat, fi, fo))
-  return plans
+    views.append(LeafMatrix(path, to_m, from_m, flat, fi, fo))
+  return views
+
+
+# Old names, kept importable for branches written before the rename.
+LeafPlan = LeafMatrix
+plan_leaves = leaf_matrices
 
 
 def check_orientations(tree: Any, rules_fn: Callable[[str, tuple[int, ...]], DimensionRule],
@@ -191,7 +200,7 @@ def scale_by_muon(
   orthogonalizer: Orthogonalizer = LocalOrthogonalizer() if on_mesh is None else on_mesh
 
   def init_fn(params):
-    plan_leaves(params, dims_fn)  # Fail early, naming the path, on bad shapes.
+    leaf_matrices(params, dims_fn)  # Fail early, naming the path, on bad shapes.
     check_layer_axis_used(
         (path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]), layer_axis)
     check_orientations(params, rules_fn, scaling)
@@ -201,16 +210,16 @@ def scale_by_muon(
 
   def update_fn(updates, state, params=None, view_specs=None):
     del params
-    plans = plan_leaves(updates, dims_fn)
+    leaves = leaf_matrices(updates, dims_fn)
     grads, treedef = jax.tree.flatten(updates)
     stepped = [momentum_step(g, m, beta, nesterov)
                for g, m in zip(grads, treedef.flatten_up_to(state.mu), strict=True)]
-    mats = [plan.to_matrix(d) for plan, (_, d) in zip(plans, stepped, strict=True)]
+    mats = [leaf.to_matrix(d) for leaf, (_, d) in zip(leaves, stepped, strict=True)]
     orth = orthogonalizer(mats, ns, view_specs)
     out = []
-    for plan, o, g in zip(plans, orth, grads, strict=True):
-      scale = shape_scale(plan.fan_in, plan.fan_out, scaling, rms_scale)
-      out.append((plan.from_matrix(o) * scale).astype(g.dtype))
+    for leaf, o, g in zip(leaves, orth, grads, strict=True):
+      scale = shape_scale(leaf.fan_in, leaf.fan_out, scaling, rms_scale)
+      out.append((leaf.from_matrix(o) * scale).astype(g.dtype))
     new_mu = jax.tree.unflatten(treedef, [m for m, _ in stepped])
     return jax.tree.unflatten(treedef, out), ScaleByMuonState(mu=new_mu)
 

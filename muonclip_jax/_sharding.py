@@ -136,8 +136,9 @@ class MeshOrthogonalizer:
                            if t == AxisType.Explicit)
     self.recorded: dict[tuple[str, tuple[int, ...]], P] = {}
 
-  def plan(self, shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
-           ns: NSOptions, specs: Sequence[ViewSpec | None] | None = None) -> MeshPlan:
+  def place(self, shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
+            ns: NSOptions, specs: Sequence[ViewSpec | None] | None = None) -> MeshPlan:
+    """The mesh plan (:func:`~muonclip_jax._mesh_placement.plan_mesh`) for these matrices."""
     return plan_mesh(shapes, dtypes, specs, self.sizes, ns, switch=self.switch)
 
   # -- orthogonalisation -------------------------------------------------------------
@@ -150,7 +151,7 @@ class MeshOrthogonalizer:
     if specs is not None and len(specs) != len(mats):
       raise ValueError(f"specs: expected one view sharding per matrix ({len(mats)}), "
                        f"got {len(specs)}")
-    plan = self.plan([tuple(m.shape) for m in mats], [m.dtype for m in mats], ns, specs)
+    plan = self.place([tuple(m.shape) for m in mats], [m.dtype for m in mats], ns, specs)
     inputs, in_specs = _pack(plan, mats)
     fns = [functools.partial(orthogonalize_traced, cfg=ns.config,
                              compute_dtype=resolve_compute_dtype(ns.dtype, a.dtype),

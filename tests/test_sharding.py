@@ -32,7 +32,7 @@ from muonclip_jax._dimensions import default_dimension_numbers
 from muonclip_jax._mesh_placement import ns_flops as _ns_flops
 from muonclip_jax._mesh_placement import plan_mesh
 from muonclip_jax._mesh_plan import muon_sharding_summary
-from muonclip_jax._muon import plan_leaves
+from muonclip_jax._muon import leaf_matrices
 from muonclip_jax._newton_schulz import LocalOrthogonalizer, NSOptions, Orthogonalizer
 from muonclip_jax._sharding import mesh_orthogonalizer
 from muonclip_jax._view_sharding import view_spec
@@ -120,8 +120,8 @@ def _setup(case, auto=False):
 def _pad_factor(params, n):
   """Busiest device over ideal if every shape's count were padded to a multiple of n."""
   counts, flops = {}, {}
-  for plan in plan_leaves(params, default_dimension_numbers):
-    b, fi, fo = plan.matrix_shape
+  for leaf in leaf_matrices(params, default_dimension_numbers):
+    b, fi, fo = leaf.matrix_shape
     r, c = min(fi, fo), max(fi, fo)
     counts[(r, c)] = counts.get((r, c), 0) + b
     flops[(r, c)] = _ns_flops(r, c, NS)
