@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import rand as _rand
 from optax.contrib import MuonDimensionNumbers
+from support.arrays import rand as _rand
 
 import muonclip_jax as mc
 from muonclip_jax._coefficients import KELLER

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import causal_mask
 from flax import linen as nn
 from flax import nnx
+from support.arrays import causal_mask
 
 import muonclip_jax as mc
 from muonclip_jax._paths import leaves_with_paths, path_components

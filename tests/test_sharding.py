@@ -18,9 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import rand as _rand
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
+from support.arrays import rand as _rand
 
 import muonclip_jax as mc
 from benchmarks.hlo import collective_stats, compiled_flops
