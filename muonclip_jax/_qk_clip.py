@@ -72,6 +72,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from muonclip_jax._paths import leaves_with_paths, show_path
@@ -428,7 +429,8 @@ def qk_clip(
     >>> float(new["attn"]["query"]["kernel"][0, 1, 0])  # head 1 untouched
     1.0
   """
-  if _is_concrete(tau) and not float(jnp.max(jnp.asarray(tau))) > 0:
+  # numpy, not jnp: under jax.jit a jnp op on a Python float is already a tracer.
+  if _is_concrete(tau) and not float(np.max(np.asarray(tau))) > 0:
     raise ValueError(f"qk_clip: tau must be positive, got {tau}")
   if gqa_sharing not in GQA_SHARINGS:
     raise ValueError(f"qk_clip: gqa_sharing must be one of {GQA_SHARINGS}, got "

@@ -24,6 +24,8 @@ LAYERS = {
     # 2. Plans and reports built from the stages; QK-Clip.
     "_mesh_plan": 2, "_mesh_cost": 2, "_routing_report": 2, "_sharding": 2,
     "_qk_statistics": 2, "_qk_discovery": 2, "_qk_factors": 2,
+    # Adapters for other model libraries (Gemma, Equinox, MaxText, hand-written).
+    "_presets": 2, "_equinox": 2, "_gemma": 2, "_maxtext": 2, "_tape": 2,
     # 3. Transforms built from those.
     "_muon": 3, "_qk_clip": 3, "_qk_clip_metrics": 3,
     # 4. The composite optimiser.

@@ -577,6 +577,23 @@ def test_inject_hyperparams_tau():
   assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(upd))
 
 
+def test_built_inside_jit_equals_built_outside():
+  # A train step may build its optimizer inside jax.jit (e.g. a functional loop that
+  # closes over Python hyperparameters); the argument checks must not concretise tau.
+  params = simple_params()
+  grads = jax.tree.map(jnp.sin, params)
+  stats = {"attn": {"max_logits": jnp.array([5.0, 0.5, 2.0, 1.0])}}
+
+  def step(tau):
+    tx = sgd_clip(tau)
+    return tx.update(grads, tx.init(params), params, max_logits=stats)
+
+  inside = jax.jit(functools.partial(step, 1.0))()
+  outside = step(1.0)
+  chex.assert_trees_all_close(inside[0], outside[0], rtol=1e-6)
+  assert int(inside[1][-1].num_clipped) == int(outside[1][-1].num_clipped) == 2
+
+
 # --------------------------------------------------------------------------
 # Bad input.
 
