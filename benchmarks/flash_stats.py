@@ -35,9 +35,9 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks._common import machine, table, write_section
+from benchmarks.hlo import compiled_flops
 from muonclip_jax import max_logits_blockwise
-from muonclip_jax._flash_attention import _head_stat
-from muonclip_jax._hlo import compiled_flops
+from muonclip_jax._flash_attention import head_max_from_rows
 from muonclip_jax._tokamax import load
 
 HEADS, DEPTH = 8, 128
@@ -54,7 +54,7 @@ def measure(t: int, dtype=jnp.float32) -> dict[str, float]:
 
   def attn_stat(q, k, v):
     out, (rows, _) = op(q, k, v, is_causal=True, return_residuals=True)
-    return out, _head_stat(rows, None)
+    return out, head_max_from_rows(rows, None)
 
   blockwise = functools.partial(max_logits_blockwise, is_causal=True, block_size=512)
   c_attn = _compile(attn, q, q, q)

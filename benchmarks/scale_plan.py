@@ -54,8 +54,8 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from benchmarks._common import machine, table, write_section  # noqa: E402
 from muonclip_jax import default_param_labels, plan_muon_sharding  # noqa: E402
-from muonclip_jax._mesh_plan import Axes, _entry_axes  # noqa: E402
 from muonclip_jax._newton_schulz import newton_schulz_flops  # noqa: E402
+from muonclip_jax._view_sharding import Axes, entry_axes  # noqa: E402
 
 K2 = dict(layers=61, dense_layers=1, hidden=7168, heads=64, q_lora=1536, kv_lora=512,
           qk_nope=128, rope=64, v=128, experts=384, active_experts=8, shared_experts=1,
@@ -147,7 +147,7 @@ class XlaCost(NamedTuple):
 
 
 def _axes(entries: tuple, dims: tuple[int, ...]) -> Axes:
-  return tuple(a for d in dims for a in _entry_axes(entries[d] if d < len(entries) else None))
+  return tuple(a for d in dims for a in entry_axes(entries[d] if d < len(entries) else None))
 
 
 def xla_matrix_cost(shape: tuple[int, ...], entries: tuple, sizes: dict[str, int],
@@ -242,7 +242,7 @@ def validate() -> list[list[object]]:
   """The XLA model against the compiled HLO of ``optax.contrib.muon`` on 8 host devices."""
   import optax
 
-  from muonclip_jax._hlo import collective_stats, compiled_flops
+  from benchmarks.hlo import collective_stats, compiled_flops
 
   rows = []
   m8 = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))

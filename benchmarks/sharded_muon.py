@@ -43,8 +43,8 @@ from benchmarks._common import (  # noqa: E402
     table,
     write_section,
 )
+from benchmarks.hlo import collective_stats, compiled_flops  # noqa: E402
 from muonclip_jax import muon, muon_sharding_summary  # noqa: E402
-from muonclip_jax._hlo import collective_stats, compiled_flops  # noqa: E402
 
 LAYER = {"attn_qkv": (768, 2304), "attn_proj": (768, 768), "mlp_fc": (768, 3072),
          "mlp_proj": (3072, 768)}

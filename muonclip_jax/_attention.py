@@ -53,7 +53,8 @@ Collecting the statistics:
 * Equinox, PyTorch-style or plain JAX: return :func:`head_max_logits` from the
   forward pass and pass ``{'path/to/attention': {'max_logits': value}}``.
 
-The statistics contract (what :func:`muonclip_jax.qk_clip` accepts): one
+The statistics contract (what :func:`muonclip_jax.qk_clip` accepts; stated
+once in :mod:`muonclip_jax._statistic`): one
 ``max_logits`` per attention layer, at the path of the module that owns the
 query/key parameters or of a parameter-less child of it (MaxText's
 ``attention_op``), shaped ``[layers..., batch..., heads]``: the scanned layer
@@ -72,7 +73,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 from flax import nnx
 
-from muonclip_jax._qk_layouts import MAX_LOGITS
+from muonclip_jax._statistic import MAX_LOGITS
 
 Array = jax.Array
 
@@ -245,7 +246,7 @@ def dot_product_attention(
     (2,)
   """
   # Validate and promote (Flax's checks and messages).
-  query, key, value = _check_qkv(query, key, value, dtype, promote_dtype, precision,
+  query, key, value = check_qkv(query, key, value, dtype, promote_dtype, precision,
                                  einsum_dot_general, qk_attn_weights_einsum,
                                  attn_weights_value_einsum)
   dtype = query.dtype
@@ -287,10 +288,10 @@ def dot_product_attention(
   return _weighted_values(weights, value, wv_einsum)
 
 
-def _check_qkv(query: Array, key: Array, value: Array, dtype: Any,
-               promote_dtype: Callable[..., Any] | None, precision: Any,
-               einsum_dot_general: Any, qk_einsum: Any, wv_einsum: Any
-               ) -> tuple[Array, Array, Array]:
+def check_qkv(query: Array, key: Array, value: Array, dtype: Any,
+              promote_dtype: Callable[..., Any] | None, precision: Any,
+              einsum_dot_general: Any, qk_einsum: Any, wv_einsum: Any
+              ) -> tuple[Array, Array, Array]:
   """Flax's argument checks; ``query, key, value`` promoted to one dtype."""
   if (qk_einsum is None) != (wv_einsum is None):
     raise ValueError("qk_attn_weights_einsum and attn_weights_value_einsum must be "

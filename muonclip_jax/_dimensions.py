@@ -71,6 +71,7 @@ from muonclip_jax._layer_axis import in_container as under_scan_container
 from muonclip_jax._paths import lower_components, path_str
 
 __all__ = [
+    "check_matrix_rank",
     "DimensionRule",
     "MuonDimensionNumbers",
     "default_dimension_numbers",
@@ -236,6 +237,18 @@ def _layout(comps: list[str], rank: int, per_head: bool, declared: bool, in_cont
   return view
 
 
+def check_matrix_rank(path: str, shape: Sequence[int]) -> None:
+  """Refuses a Muon leaf of rank < 2, naming its path and the fix.
+
+  Raises:
+    ValueError: ``shape`` has fewer than two axes.
+  """
+  if len(shape) < 2:
+    raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape "
+                     f"{tuple(shape)}; route it to AdamW (see muonclip_jax.muon's "
+                     "param_labels)")
+
+
 def dimension_rule(path: str, shape: Sequence[int], *, layer_axis: LayerAxisLike = None,
                    per_head: bool = False) -> DimensionRule:
   """The dimension numbers for a parameter of ``shape`` at ``path``, with the rule that chose them.
@@ -256,8 +269,7 @@ def dimension_rule(path: str, shape: Sequence[int], *, layer_axis: LayerAxisLike
   """
   shape = tuple(int(s) for s in shape)
   ndim = len(shape)
-  if ndim < 2:
-    raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {shape}")
+  check_matrix_rank(path, shape)
   comps = lower_components(path)
   k = stack_axis(path, shape, check_layer_axis(layer_axis))
   if k is None:
@@ -329,8 +341,7 @@ def normalize_axes(path: str, shape: Sequence[int], dims: MuonDimensionNumbers
       raise ValueError(f"{path}: repeated {what} axis in {dims}")
     return out
 
-  if ndim < 2:
-    raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {tuple(shape)}")
+  check_matrix_rank(path, shape)
   red = norm(dims.reduction_axis, "reduction (fan-in)")
   out = norm(dims.output_axis, "output (fan-out)")
   if set(red) & set(out):

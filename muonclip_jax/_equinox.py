@@ -52,7 +52,8 @@ import jax.numpy as jnp
 
 from muonclip_jax._paths import path_components, show_path
 from muonclip_jax._presets import torch_layout
-from muonclip_jax._qk_layouts import MAX_LOGITS, QKLayout
+from muonclip_jax._qk_layouts import QKLayout
+from muonclip_jax._statistic import MAX_LOGITS
 
 Array = jax.Array
 

@@ -45,8 +45,8 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from muonclip_jax import _tokamax
-from muonclip_jax._attention import _check_qkv, sow_max_logits
-from muonclip_jax._qk_layouts import MAX_LOGITS
+from muonclip_jax._attention import check_qkv, sow_max_logits
+from muonclip_jax._statistic import MAX_LOGITS
 
 __all__ = ["IMPLEMENTATIONS", "flash_attention"]
 
@@ -57,8 +57,8 @@ Statistic = Literal["max", "logsumexp_upper_bound"]
 _SPLASH_BLOCK = 128
 
 
-def _choose(implementation: str, platform: str, device_kind: str, *, bias: Array | None,
-            mask: Array | None, ndim: int) -> str:
+def choose_implementation(implementation: str, platform: str, device_kind: str, *,
+                          bias: Array | None, mask: Array | None, ndim: int) -> str:
   """The kernel to run: ``implementation``, or for ``"auto"`` the fastest of
   ``platform`` (``jax.default_backend()``) that supports the arguments.
 
@@ -80,12 +80,12 @@ def _choose(implementation: str, platform: str, device_kind: str, *, bias: Array
 
 
 def _pick(implementation: str, bias: Array | None, mask: Array | None, ndim: int) -> str:
-  """:func:`_choose` on this process's backend."""
+  """:func:`choose_implementation` on this process's backend."""
   if implementation != "auto":
     return implementation
   platform = jax.default_backend()
   kind = jax.devices()[0].device_kind if platform == "gpu" else ""
-  return _choose(implementation, platform, kind, bias=bias, mask=mask, ndim=ndim)
+  return choose_implementation(implementation, platform, kind, bias=bias, mask=mask, ndim=ndim)
 
 
 def _check_soft_cap(logit_soft_cap: Any) -> float | None:
@@ -263,7 +263,7 @@ def _lse_rows(query: Array, key: Array, value: Array, *, bias: Array | None,
   return out, jnp.swapaxes(lse.astype(jnp.float32), -1, -2)  # [B, T, H] -> [B, H, T]
 
 
-def _head_stat(rows: Array, logit_soft_cap: float | None) -> Array:
+def head_max_from_rows(rows: Array, logit_soft_cap: float | None) -> Array:
   """Per query head: the max row max, before the soft-cap; ``-inf`` for masked heads."""
   rows = jax.lax.stop_gradient(rows.astype(jnp.float32))
   # Fully masked rows carry the kernels' large negative sentinels.
@@ -292,7 +292,7 @@ def _attend(query: Array, key: Array, value: Array, *, implementation: str,
     out, rows = _op_rows(query, key, value, implementation=implementation, bias=bias,
                          mask=mask, is_causal=is_causal, logit_soft_cap=logit_soft_cap,
                          precision=precision, interpret=interpret)
-  return out, _head_stat(rows, logit_soft_cap)
+  return out, head_max_from_rows(rows, logit_soft_cap)
 
 
 def _sharded(fn: Callable[..., tuple[Array, Array]], mesh: Mesh, batch_axes: Sequence[str],
@@ -420,7 +420,7 @@ def flash_attention(
           dropout=not deterministic and dropout_rate > 0.0, sinks=sinks,
           max_logit_const=max_logit_const, flax_kwargs=flax_kwargs)
   logit_soft_cap = _check_soft_cap(logit_soft_cap)
-  query, key, value = _check_qkv(query, key, value, dtype, flax_kwargs.get("promote_dtype"),
+  query, key, value = check_qkv(query, key, value, dtype, flax_kwargs.get("promote_dtype"),
                                  None, None, None, None)
   mask = _check_mask(mask, query, key)
   if statistic not in ("max", "logsumexp_upper_bound"):

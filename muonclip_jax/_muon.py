@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import optax
 from optax.contrib import MuonDimensionNumbers
 
-from muonclip_jax._coefficients import CoeffsLike, resolve_coefficients
+from muonclip_jax._coefficients import CoeffsLike
 from muonclip_jax._dimensions import (
   DimensionNumbersLike,
   DimensionRule,
+  check_matrix_rank,
   dimension_rules_fn,
   fan_in_out,
   matrix_view,
@@ -30,10 +31,10 @@ from muonclip_jax._dimensions import (
 from muonclip_jax._layer_axis import LayerAxisLike, check_layer_axis, check_layer_axis_used
 from muonclip_jax._momentum import momentum_step
 from muonclip_jax._newton_schulz import (
-  NSOptions,
+  LocalOrthogonalizer,
+  NewtonSchulz,
   Orthogonalizer,
-  check_method,
-  resolve_compute_dtype,
+  newton_schulz_options,
 )
 from muonclip_jax._paths import path_str
 from muonclip_jax._routing import ADAMW, MUON, resolve_labels
@@ -47,8 +48,12 @@ class ScaleByMuonState(NamedTuple):
   mu: optax.Updates
 
 
-class LeafPlan(NamedTuple):
-  """How one leaf is orthogonalised: its matrix view and shape scale."""
+class LeafMatrix(NamedTuple):
+  """One leaf as Muon sees it: its matrix view, the way back, and its fans.
+
+  (Not a "plan": in this package that word means the mesh plan,
+  :mod:`muonclip_jax._mesh_placement` and :mod:`muonclip_jax._mesh_plan`.)
+  """
 
   path: str
   to_matrix: Callable[[jax.Array], jax.Array]
@@ -58,21 +63,24 @@ class LeafPlan(NamedTuple):
   fan_out: int
 
 
-def plan_leaves(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensionNumbers]
-                ) -> list[LeafPlan]:
-  """One :class:`LeafPlan` per leaf of ``tree`` (in flattening order)."""
-  plans = []
+def leaf_matrices(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimensionNumbers]
+                  ) -> list[LeafMatrix]:
+  """One :class:`LeafMatrix` per leaf of ``tree`` (in flattening order)."""
+  views = []
   for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
     path = path_str(p)
     shape = tuple(x.shape)
-    if len(shape) < 2:
-      raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {shape}; "
-                       "route it to AdamW (see muonclip_jax.muon's param_labels)")
+    check_matrix_rank(path, shape)
     dims = dims_fn(path, shape)
     to_m, from_m, flat = matrix_view(path, shape, dims)
     fi, fo = fan_in_out(path, shape, dims)
-    plans.append(LeafPlan(path, to_m, from_m, flat, fi, fo))
-  return plans
+    views.append(LeafMatrix(path, to_m, from_m, flat, fi, fo))
+  return views
+
+
+# Old names, kept importable for branches written before the rename.
+LeafPlan = LeafMatrix
+plan_leaves = leaf_matrices
 
 
 def check_orientations(tree: Any, rules_fn: Callable[[str, tuple[int, ...]], DimensionRule],
@@ -105,6 +113,7 @@ def scale_by_muon(
     beta: jax.typing.ArrayLike = 0.95,
     *,
     nesterov: bool = True,
+    newton_schulz: NewtonSchulz | None = None,
     coeffs: CoeffsLike = "keller",
     steps: int | None = None,
     ns_dtype: jax.typing.DTypeLike | None = None,
@@ -132,6 +141,10 @@ def scale_by_muon(
   Args:
     beta: momentum coefficient ``beta`` (0.95); ``M`` (state ``mu``) is the buffer.
     nesterov: feed ``G_t + beta M_t`` (True) or ``M_t`` to Newton–Schulz.
+    newton_schulz: the Newton–Schulz options as one
+      :class:`muonclip_jax.NewtonSchulz`; the five keywords below are the same
+      options one by one (kept for backward compatibility; a field set in
+      both places is refused).
     coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
     steps: Newton–Schulz steps (default: the preset's).
     ns_dtype: compute dtype of Newton–Schulz (default: the update's dtype).
@@ -176,45 +189,44 @@ def scale_by_muon(
     Liu et al., `Muon is Scalable for LLM Training
     <https://arxiv.org/abs/2502.16982>`_, 2025 (§2.2, the ``"rms"`` scaling).
   """
-  ns = NSOptions(
-      config=resolve_coefficients(coeffs, steps),
-      dtype=None if ns_dtype is None else resolve_compute_dtype(ns_dtype, jnp.float32),
-      method=check_method(method),
-      restarts=None if restarts is None else tuple(int(r) for r in restarts),
-      eps=eps,  # May be an array under optax.inject_hyperparams.
-  )
+  ns = newton_schulz_options(newton_schulz, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype,
+                            method=method, restarts=restarts, eps=eps)
   scaling = check_shape_scaling(shape_scaling)
   layer_axis = check_layer_axis(layer_axis)
   rules_fn = dimension_rules_fn(dimension_numbers, layer_axis=layer_axis, per_head=per_head)
   dims_fn = lambda path, shape: rules_fn(path, shape).dims
   mu_dtype = None if mu_dtype is None else jnp.dtype(mu_dtype)
-  orthogonalizer = Orthogonalizer() if mesh is None else mesh_orthogonalizer(mesh)
+  on_mesh = None if mesh is None else mesh_orthogonalizer(mesh)
+  orthogonalizer: Orthogonalizer = LocalOrthogonalizer() if on_mesh is None else on_mesh
 
   def init_fn(params):
-    plan_leaves(params, dims_fn)  # Fail early, naming the path, on bad shapes.
+    leaf_matrices(params, dims_fn)  # Fail early, naming the path, on bad shapes.
     check_layer_axis_used(
         (path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]), layer_axis)
     check_orientations(params, rules_fn, scaling)
-    orthogonalizer.record(params)  # Output shardings for AxisType.Auto meshes.
+    if on_mesh is not None:
+      on_mesh.record(params)  # Output shardings for AxisType.Auto meshes.
     return ScaleByMuonState(mu=optax.tree.zeros_like(params, dtype=mu_dtype))
 
   def update_fn(updates, state, params=None, view_specs=None):
     del params
-    plans = plan_leaves(updates, dims_fn)
+    leaves = leaf_matrices(updates, dims_fn)
     grads, treedef = jax.tree.flatten(updates)
     stepped = [momentum_step(g, m, beta, nesterov)
                for g, m in zip(grads, treedef.flatten_up_to(state.mu), strict=True)]
-    mats = [plan.to_matrix(d) for plan, (_, d) in zip(plans, stepped, strict=True)]
+    mats = [leaf.to_matrix(d) for leaf, (_, d) in zip(leaves, stepped, strict=True)]
     orth = orthogonalizer(mats, ns, view_specs)
     out = []
-    for plan, o, g in zip(plans, orth, grads, strict=True):
-      scale = shape_scale(plan.fan_in, plan.fan_out, scaling, rms_scale)
-      out.append((plan.from_matrix(o) * scale).astype(g.dtype))
+    for leaf, o, g in zip(leaves, orth, grads, strict=True):
+      scale = shape_scale(leaf.fan_in, leaf.fan_out, scaling, rms_scale)
+      out.append((leaf.from_matrix(o) * scale).astype(g.dtype))
     new_mu = jax.tree.unflatten(treedef, [m for m, _ in stepped])
     return jax.tree.unflatten(treedef, out), ScaleByMuonState(mu=new_mu)
 
+  if on_mesh is None:
+    return optax.GradientTransformation(init_fn, update_fn)
   # On a mesh: view shardings in, every output in its parameter's sharding.
-  return optax.GradientTransformation(init_fn, orthogonalizer.wrap_update(update_fn, dims_fn))
+  return optax.GradientTransformation(init_fn, on_mesh.wrap_update(update_fn, dims_fn))
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
@@ -236,6 +248,7 @@ def muon(
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     nesterov: bool = True,
+    newton_schulz: NewtonSchulz | None = None,
     coeffs: CoeffsLike = "keller",
     steps: int | None = None,
     ns_dtype: jax.typing.DTypeLike | None = None,
@@ -272,8 +285,9 @@ def muon(
 
   Works under ``optax.inject_hyperparams`` (for instance
   ``inject_hyperparams(muon)(learning_rate=sched, weight_decay=0.1)``); pass
-  ``static_args=("steps",)`` there if you set ``steps``, and
-  ``("layer_axis",)`` if you set an int ``layer_axis``.
+  ``static_args=("steps",)`` there if you set ``steps`` as a keyword (not
+  needed inside ``newton_schulz=NewtonSchulz(steps=...)``, which is static),
+  and ``("layer_axis",)`` if you set an int ``layer_axis``.
 
   Args:
     learning_rate: scalar or schedule for the Muon branch.
@@ -282,6 +296,7 @@ def muon(
       ``optax.add_decayed_weights``) of parameters that decay.
     beta: momentum coefficient (see :func:`scale_by_muon`).
     nesterov: Nesterov momentum (see :func:`scale_by_muon`).
+    newton_schulz: the Newton–Schulz options in one object (see :func:`scale_by_muon`).
     coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
     steps: Newton–Schulz steps (default: the preset's).
     ns_dtype: Newton–Schulz compute dtype (default: the update's).
@@ -339,9 +354,9 @@ def muon(
     adam_learning_rate = learning_rate
   _check_nonnegative("adam_learning_rate", adam_learning_rate)
   muon_tx = optax.chain(
-      scale_by_muon(beta, nesterov=nesterov, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype,
-                    method=method, restarts=restarts, eps=eps, shape_scaling=shape_scaling,
-                    rms_scale=rms_scale, mu_dtype=mu_dtype,
+      scale_by_muon(beta, nesterov=nesterov, newton_schulz=newton_schulz, coeffs=coeffs,
+                    steps=steps, ns_dtype=ns_dtype, method=method, restarts=restarts,
+                    eps=eps, shape_scaling=shape_scaling, rms_scale=rms_scale, mu_dtype=mu_dtype,
                     dimension_numbers=dimension_numbers, layer_axis=layer_axis,
                     per_head=per_head, mesh=mesh),
       optax.add_decayed_weights(weight_decay, weight_decay_mask),

@@ -23,6 +23,7 @@ from muonclip_jax._coefficients import CoeffsLike
 from muonclip_jax._dimensions import DimensionNumbersLike
 from muonclip_jax._layer_axis import LayerAxisLike
 from muonclip_jax._muon import muon
+from muonclip_jax._newton_schulz import NewtonSchulz
 from muonclip_jax._qk_clip import LayoutsLike, Schedule, qk_clip
 from muonclip_jax._qk_layouts import GQASharing
 
@@ -42,6 +43,7 @@ def muonclip(
     weight_decay_mask: Any | Callable[[optax.Params], Any] | None = None,
     beta: jax.typing.ArrayLike = 0.95,
     nesterov: bool = True,
+    newton_schulz: NewtonSchulz | None = None,
     coeffs: CoeffsLike = "keller",
     steps: int | None = None,
     ns_dtype: jax.typing.DTypeLike | None = None,
@@ -94,6 +96,8 @@ def muonclip(
     weight_decay_mask: see :func:`muonclip_jax.muon`.
     beta: Muon's momentum coefficient (see :func:`muonclip_jax.scale_by_muon`).
     nesterov: Nesterov momentum (see :func:`muonclip_jax.scale_by_muon`).
+    newton_schulz: the Newton–Schulz options in one object (see
+      :func:`muonclip_jax.scale_by_muon`).
     coeffs: Newton–Schulz preset or coefficients.
     steps: Newton–Schulz steps (default: the preset's).
     ns_dtype: Newton–Schulz compute dtype.
@@ -131,8 +135,9 @@ def muonclip(
   """
   inner: optax.GradientTransformation = muon(
       learning_rate, weight_decay=weight_decay, weight_decay_mask=weight_decay_mask, beta=beta,
-      nesterov=nesterov, coeffs=coeffs, steps=steps, ns_dtype=ns_dtype, method=method,
-      restarts=restarts, eps=eps, shape_scaling=shape_scaling, rms_scale=rms_scale,
+      nesterov=nesterov, newton_schulz=newton_schulz, coeffs=coeffs, steps=steps,
+      ns_dtype=ns_dtype, method=method, restarts=restarts, eps=eps,
+      shape_scaling=shape_scaling, rms_scale=rms_scale,
       mu_dtype=mu_dtype, adam_learning_rate=adam_learning_rate, adam_b1=adam_b1,
       adam_b2=adam_b2, adam_eps=adam_eps, param_labels=param_labels,
       dimension_numbers=dimension_numbers, layer_axis=layer_axis, per_head=per_head, mesh=mesh)

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -57,6 +57,84 @@ class NSOptions(NamedTuple):
   method: str
   restarts: tuple[int, ...] | None
   eps: jax.typing.ArrayLike
+
+
+class NewtonSchulz(NamedTuple):
+  """The Newton–Schulz options of :func:`muonclip_jax.scale_by_muon`, in one object.
+
+  Pass it as ``newton_schulz=`` to :func:`muonclip_jax.scale_by_muon`,
+  :func:`muonclip_jax.muon` or :func:`muonclip_jax.muonclip`; they forward it
+  unchanged, so a new option is a new field here and nowhere else. A field
+  left ``None`` takes the value of the matching keyword (``coeffs``,
+  ``steps``, ``ns_dtype``, ``method``, ``restarts``), which those functions
+  keep for backward compatibility; setting both a field and its keyword is
+  refused. Every field is static: none becomes an
+  ``optax.inject_hyperparams`` hyperparameter (``eps`` stays a keyword, and
+  one, for that reason).
+
+  Attributes:
+    coeffs: a preset name or coefficients (see :func:`orthogonalize`).
+    steps: number of steps (default: the preset's).
+    dtype: compute dtype (default: each matrix's own).
+    method: ``"auto"``, ``"standard"`` or ``"gram"``.
+    restarts: Gram-path restarts (default: :func:`default_restarts`).
+
+  Example:
+    >>> from muonclip_jax import NewtonSchulz, muon
+    >>> tx = muon(0.02, newton_schulz=NewtonSchulz(coeffs="polar_express", steps=8))
+  """
+
+  coeffs: CoeffsLike | None = None
+  steps: int | None = None
+  dtype: jax.typing.DTypeLike | None = None
+  method: str | None = None
+  restarts: Sequence[int] | None = None
+
+
+# The keyword form of each NewtonSchulz field, and the keyword's default.
+_KEYWORDS = {"coeffs": ("coeffs", "keller"), "steps": ("steps", None),
+             "dtype": ("ns_dtype", None), "method": ("method", "auto"),
+             "restarts": ("restarts", None)}
+
+
+def _is_default(value: object, default: object) -> bool:
+  return value is default or (isinstance(value, str) and value == default)
+
+
+def newton_schulz_options(newton_schulz: NewtonSchulz | None, *, coeffs: CoeffsLike,
+                          steps: int | None, ns_dtype: jax.typing.DTypeLike | None,
+                          method: str, restarts: Sequence[int] | None,
+                          eps: jax.typing.ArrayLike) -> NSOptions:
+  """Checked, resolved :class:`NSOptions` from ``newton_schulz`` and the keywords.
+
+  Raises:
+    TypeError: ``newton_schulz`` is not a :class:`NewtonSchulz`.
+    ValueError: a field of ``newton_schulz`` and its keyword are both set, or
+      an unknown preset, method or dtype.
+  """
+  given = {"coeffs": coeffs, "steps": steps, "dtype": ns_dtype, "method": method,
+           "restarts": restarts}
+  if newton_schulz is not None:
+    if not isinstance(newton_schulz, NewtonSchulz):
+      raise TypeError(f"newton_schulz: expected a muonclip_jax.NewtonSchulz, got "
+                      f"{type(newton_schulz).__name__}")
+    for field, value in newton_schulz._asdict().items():
+      if value is None:
+        continue
+      keyword, default = _KEYWORDS[field]
+      if not _is_default(given[field], default):
+        raise ValueError(
+            f"newton_schulz: {field} is set both in newton_schulz=NewtonSchulz({field}=...) "
+            f"and as the keyword {keyword}=; set it in one place only")
+      given[field] = value
+  return NSOptions(
+      config=resolve_coefficients(given["coeffs"], given["steps"]),
+      dtype=(None if given["dtype"] is None
+             else resolve_compute_dtype(given["dtype"], jnp.float32)),
+      method=check_method(given["method"]),
+      restarts=None if given["restarts"] is None else tuple(int(r) for r in given["restarts"]),
+      eps=eps,  # May be an array under optax.inject_hyperparams.
+  )
 
 
 def newton_schulz_flops(m: int, n: int, steps: int, method: str,
@@ -160,8 +238,8 @@ def _gram(x: jax.Array, cfg: NSConfig, wide: bool, eps: float,
   return apply(q, x)
 
 
-def _orthogonalize(x: jax.Array, cfg: NSConfig, compute_dtype: jnp.dtype, method: str,
-                   restarts: tuple[int, ...] | None, eps: float) -> jax.Array:
+def orthogonalize_traced(x: jax.Array, cfg: NSConfig, compute_dtype: jnp.dtype, method: str,
+                         restarts: tuple[int, ...] | None, eps: float) -> jax.Array:
   """Traceable body of :func:`orthogonalize` (no jit, static configuration)."""
   out_dtype = x.dtype
   m, n = x.shape[-2], x.shape[-1]
@@ -187,8 +265,8 @@ def _orthogonalize(x: jax.Array, cfg: NSConfig, compute_dtype: jnp.dtype, method
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
-def _orthogonalize_jit(x, cfg, compute_dtype, method, restarts, eps):
-  return _orthogonalize(x, cfg, compute_dtype, method, restarts, eps)
+def orthogonalize_jit(x, cfg, compute_dtype, method, restarts, eps):
+  return orthogonalize_traced(x, cfg, compute_dtype, method, restarts, eps)
 
 
 def resolve_compute_dtype(dtype, x_dtype) -> jnp.dtype:
@@ -267,22 +345,31 @@ def orthogonalize(
   compute = resolve_compute_dtype(dtype, x.dtype)
   check_method(method)
   rs = None if restarts is None else tuple(int(r) for r in restarts)
-  return _orthogonalize_jit(x, cfg, compute, method, rs, float(eps))
+  return orthogonalize_jit(x, cfg, compute, method, rs, float(eps))
 
 
-class Orthogonalizer:
-  """Orthogonalises the matrices of one Muon update, on one device.
+@runtime_checkable
+class Orthogonalizer(Protocol):
+  """Orthogonalises the matrices of one Muon update: the interface :func:`scale_by_muon` calls.
 
-  The interface :func:`muonclip_jax.scale_by_muon` calls, shared with the
-  mesh version (:class:`muonclip_jax._sharding.MeshOrthogonalizer`):
+  ``fn(mats, ns, specs=None)`` maps a list of ``(batch, fan_in, fan_out)``
+  arrays to their orthogonalisations (same shapes and dtypes). ``specs`` are
+  their view shardings where known (``None`` entries where not); an
+  implementation that does not shard ignores them.
 
-  - ``fn(mats, ns, specs=None)`` maps a list of ``(batch, fan_in, fan_out)``
-    arrays to their orthogonalisations (same shapes and dtypes); ``specs``
-    are their view shardings where known (ignored here);
-  - ``record(params)`` is called by ``init`` with the parameters (nothing to
-    record on one device);
-  - ``wrap_update(update_fn, dims_fn)`` wraps the update (here unchanged).
+  Implementations: :class:`LocalOrthogonalizer` (one device) and
+  :class:`muonclip_jax._sharding.MeshOrthogonalizer` (a mesh; it also
+  carries the ``init``/``update`` hooks a mesh needs, which
+  :func:`muonclip_jax.scale_by_muon` calls only on a mesh).
   """
+
+  def __call__(self, mats: Sequence[jax.Array], ns: NSOptions,
+               specs: Sequence[object] | None = None) -> list[jax.Array]:
+    ...
+
+
+class LocalOrthogonalizer:
+  """The :class:`Orthogonalizer` on one device: each matrix orthogonalised in turn."""
 
   def __call__(self, mats: Sequence[jax.Array], ns: NSOptions,
                specs: Sequence[object] | None = None) -> list[jax.Array]:
@@ -290,12 +377,5 @@ class Orthogonalizer:
     out = []
     for m in mats:
       dtype = resolve_compute_dtype(ns.dtype, m.dtype)
-      out.append(_orthogonalize(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
+      out.append(orthogonalize_traced(m, ns.config, dtype, ns.method, ns.restarts, ns.eps))
     return out
-
-  def record(self, params: object) -> None:
-    del params
-
-  def wrap_update(self, update_fn, dims_fn):
-    del dims_fn
-    return update_fn

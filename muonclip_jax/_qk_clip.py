@@ -66,8 +66,6 @@ statistics. Either
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -78,46 +76,28 @@ import numpy as np
 import optax
 
 from muonclip_jax._paths import leaves_with_paths, show_path
-from muonclip_jax._qk_layouts import (
-  GQA_SHARINGS,
-  MAX_LOGITS,
-  GQASharing,
-  Layer,
-  Path,
-  QKLayout,
-  detect_flax_attention,
-  factor_array,
-  join,
-  resolve_layout,
-  slot_factors,
+from muonclip_jax._qk_discovery import (  # noqa: F401  (LAYOUT_HINT: old import path)
+  LAYOUT_HINT,
+  PRODUCER_HINT,
+  LayoutsLike,
+  empty_stats_error,
+  find_attention_layers,
+  no_layers_error,
+  no_params_error,
+  qk_norm_bypassed,
 )
+from muonclip_jax._qk_factors import factor_array, slot_factors
+from muonclip_jax._qk_layouts import GQA_SHARINGS, GQASharing, Layer, Path
+from muonclip_jax._qk_statistics import (  # noqa: F401  (re-exported: old import path)
+  accumulate_max_logits,
+  collect_max_logits,
+  param_prefix,
+  reduce_max_logits,
+)
+from muonclip_jax._statistic import STATISTICS_CONTRACT
 
-LayoutsLike = QKLayout | Mapping[str, QKLayout] | None
 Schedule = int | Callable[[jax.Array], jax.Array]
 _MISSING = object()
-
-# How each kind of model produces the statistic: every "no statistics" error ends with it.
-PRODUCER_HINT = (
-    "How to produce them, by framework: Flax linen: attention_fn=muonclip_jax."
-    "dot_product_attention called with sow_weights=True (or MaxLogitMultiHeadDotProduct"
-    "Attention), model.apply(..., mutable=['intermediates']), pass the returned "
-    "'intermediates'; Flax NNX: the same attention_fn (or MaxLogitMultiHeadAttention), "
-    "then nnx.capture(model, nnx.Intermediate)(x) -- a model that assigns an "
-    "nnx.Intermediate attribute instead of calling sow (MaxText's record_max_logits) "
-    "gives {} to nnx.capture: call the model, then stats = nnx.pop(model, "
-    "nnx.Intermediate); hand-written attention in any framework (Equinox, PyTorch-style, "
-    "plain JAX): compute muonclip_jax.head_max_logits(logits, mask=mask) in the forward "
-    "pass, return it, and pass {'path/to/attention': {'max_logits': value}}, the path "
-    "being the module that holds the query/key parameters (or a parameter-less child of "
-    "it).")
-
-LAYOUT_HINT = (
-    "QK-Clip detects only Flax's own attention modules (query/key/value/out with 3-D "
-    "kernels); say where any other model keeps its query/key weights with layouts=: "
-    "separate_qk (separate projections; PyTorch/Equinox (out, in) weights: "
-    "weight_layout='out_in'), fused_qkv, mla, qk_norm, e.g. layouts={'*/attn': "
-    "muonclip_jax.separate_qk('q_proj', 'k_proj', num_heads=8, merged_heads=True)}.")
-
 
 class QKClipState(NamedTuple):
   """State of :func:`qk_clip`: telemetry for logging and micro-step accumulation.
@@ -151,250 +131,6 @@ class QKClipState(NamedTuple):
   acc_max_logits: dict[str, jax.Array]
   mini_step: jax.Array
   gradient_step: jax.Array
-
-
-# --------------------------------------------------------------------------
-# Trees, paths and statistics.
-
-
-def _param_prefix(paths: list[Path]) -> int:
-  """1 when every parameter sits under a top-level ``'params'`` (a linen variables dict)."""
-  return 1 if paths and all(p and p[0] == "params" for p in paths) else 0
-
-
-def collect_max_logits(max_logits: Any) -> dict[Path, jax.Array]:
-  """Per-module statistics from what Flax returns (linen collection or NNX State).
-
-  Every leaf under a ``max_logits`` key is attributed to the module path
-  before it (a leading ``'intermediates'`` is dropped); several leaves of one
-  module (Flax's default tuple ``sow``) are max-reduced.
-
-  Args:
-    max_logits: the linen ``'intermediates'`` collection, an NNX ``State`` of
-      ``nnx.Intermediate``, or any tree with ``max_logits`` leaves.
-
-  Returns:
-    ``{module path components: [layers..., heads] float array}``.
-
-  Raises:
-    ValueError: leaves of one module with differing shapes.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from muonclip_jax import collect_max_logits
-    >>> stats = {"intermediates": {"block": {"attn": {"max_logits": (jnp.array([1.0, 5.0]),)}}}}
-    >>> {"/".join(k): v.tolist() for k, v in collect_max_logits(stats).items()}
-    {'block/attn': [1.0, 5.0]}
-  """
-  leaves, _ = leaves_with_paths(max_logits)
-  grouped: dict[Path, list[jax.Array]] = {}
-  for path, leaf in leaves:
-    if MAX_LOGITS not in path:
-      continue
-    i = len(path) - 1 - path[::-1].index(MAX_LOGITS)
-    module = path[:i]
-    if module and module[0] == "intermediates":
-      module = module[1:]
-    grouped.setdefault(module, []).append(jnp.asarray(leaf))
-  out = {}
-  for module, values in grouped.items():
-    shapes = {v.shape for v in values}
-    if len(shapes) != 1:
-      raise ValueError(f"qk_clip: statistics at {show_path(module)!r} have differing "
-                       f"shapes {sorted(shapes)}")
-    v = values[0]
-    for w in values[1:]:
-      v = jnp.maximum(v, w)
-    out[module] = v
-  return out
-
-
-def accumulate_max_logits(acc: Any, max_logits: Any) -> Any:
-  """Elementwise running ``max`` of two statistics trees (micro-batches, shards).
-
-  Use it to combine micro-batches for gradient accumulation: the logit bound
-  is a max, never a sum (Kimi K2, arXiv 2507.20534, §2.1: ``S_max`` is the
-  largest logit of the step's forward passes).
-
-  Args:
-    acc: the running statistics so far, or ``None`` (the first micro-batch).
-    max_logits: this micro-batch's statistics, with ``acc``'s structure.
-
-  Returns:
-    ``max_logits`` when ``acc`` is ``None``, else the elementwise maximum.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from muonclip_jax import accumulate_max_logits
-    >>> acc = accumulate_max_logits(None, {"max_logits": jnp.array([1.0, 7.0])})
-    >>> accumulate_max_logits(acc, {"max_logits": jnp.array([3.0, 2.0])})["max_logits"].tolist()
-    [3.0, 7.0]
-  """
-  if acc is None:
-    return max_logits
-  return jax.tree.map(jnp.maximum, acc, max_logits)
-
-
-def reduce_max_logits(max_logits: Any, axis_name: Any) -> Any:
-  """``lax.pmax`` of every statistic over ``axis_name`` (inside ``shard_map``/``pmap``).
-
-  Data- or context-parallel shards each see part of the batch or sequence;
-  the head's statistic is the max over all of them. Under plain ``jax.jit``
-  with sharded arrays this is not needed: the sown ``jnp.max`` is global, over
-  the rows of every device of every JAX process.
-
-  Args:
-    max_logits: the statistics tree (as sown, or from :func:`collect_max_logits`).
-    axis_name: the mapped axis name(s) to reduce over (data, context).
-
-  Returns:
-    The tree with every leaf max-reduced over ``axis_name``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> from muonclip_jax import reduce_max_logits
-    >>> per_device = jnp.array([[1.0, 4.0], [3.0, 2.0]])  # 2 shards x 2 heads
-    >>> jax.vmap(lambda s: reduce_max_logits(s, "data"), axis_name="data")(per_device).tolist()
-    [[3.0, 4.0], [3.0, 4.0]]
-  """
-  return jax.tree.map(lambda x: jax.lax.pmax(x, axis_name), max_logits)
-
-
-# --------------------------------------------------------------------------
-# Finding the attention layers.
-
-
-def _module_paths(shapes: Mapping[Path, tuple[int, ...]]) -> list[Path]:
-  mods = {p[:i] for p in shapes for i in range(len(p))}
-  return sorted(mods, key=lambda m: (len(m), m))
-
-
-def _required(layout: QKLayout, module: Path) -> list[Path] | None:
-  try:
-    return [join(module, s.path) for s in layout.params if not s.optional]
-  except ValueError:
-    return None
-
-
-def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: LayoutsLike,
-                          auto_detect: bool = True) -> dict[Path, Layer]:
-  """Attention layers (module path -> resolved layout) in a parameter tree.
-
-  ``layouts``: one :class:`QKLayout` (used at every module that has all of
-  its required parameters) or ``{pattern: QKLayout}`` with ``fnmatch``
-  patterns over ``'/'``-joined module paths (first match wins). Flax attention
-  modules not claimed by a layout are detected when ``auto_detect``. A layout
-  that matches no module raises ``ValueError``.
-  """
-  modules = _module_paths(shapes)
-  if layouts is None:
-    items: list[tuple[str, QKLayout]] = []
-  elif isinstance(layouts, QKLayout):
-    items = [("*", layouts)]
-  elif isinstance(layouts, Mapping):
-    items = list(layouts.items())
-    for pattern, layout in items:
-      if not isinstance(layout, QKLayout):
-        raise TypeError(f"qk_clip: layouts[{pattern!r}]: expected a QKLayout, got "
-                        f"{type(layout).__name__}")
-  else:
-    raise TypeError(f"qk_clip: layouts: expected a QKLayout, a mapping of patterns to "
-                    f"QKLayouts, or None, got {type(layouts).__name__}")
-  layers: dict[Path, Layer] = {}
-  for pattern, layout in items:
-    found = 0
-    for m in modules:
-      if m in layers or not fnmatch.fnmatchcase("/".join(m), pattern):
-        continue
-      req = _required(layout, m)
-      if req is None or not all(r in shapes for r in req):
-        continue
-      layers[m] = resolve_layout(layout, m, dict(shapes))
-      found += 1
-    if not found:
-      needs = [s.path for s in layout.params if not s.optional]
-      raise ValueError(f"qk_clip: layout {layout.name!r} for pattern {pattern!r} matches "
-                       f"nothing: no module path matching {pattern!r} has the parameters "
-                       f"{needs}")
-  if auto_detect:
-    for m in modules:
-      if m in layers:
-        continue
-      layout = detect_flax_attention(m, dict(shapes))
-      if layout is not None:
-        layers[m] = resolve_layout(layout, m, dict(shapes))
-  return layers
-
-
-def _no_layers_error(shapes: Mapping[Path, tuple[int, ...]], layouts: LayoutsLike,
-                     auto_detect: bool) -> ValueError:
-  paths = sorted(show_path(p) for p in shapes)
-  some = ", ".join(repr(p) for p in paths[:6]) + (", ..." if len(paths) > 6 else "")
-  given = ("no layouts given" if layouts is None else "the layouts given matched nothing")
-  return ValueError(
-      f"qk_clip: no attention layer found in the parameters ({len(paths)} leaves: "
-      f"{some or 'none'}; {given}; auto_detect={auto_detect}). QK-Clip would do nothing. "
-      f"{LAYOUT_HINT} If the model has no attention, use muonclip_jax.muon instead of "
-      f"muonclip, or pass allow_no_attention=True.")
-
-
-def _empty_stats_error(max_logits: Any, layers: Mapping[Path, Layer]) -> ValueError:
-  leaves, _ = leaves_with_paths(max_logits)
-  seen = ", ".join(repr(show_path(p)) for p, _ in leaves[:6]) + (
-      ", ..." if len(leaves) > 6 else "")
-  what = (f"a {type(max_logits).__name__} with no leaf" if not leaves else
-          f"leaves {seen}, none under a 'max_logits' key")
-  known = ", ".join(repr(show_path(m)) for m in layers)
-  return ValueError(
-      f"qk_clip: the statistics passed as max_logits= hold no 'max_logits' entry ({what}); "
-      f"the attention layers {known} would go unclipped. {PRODUCER_HINT}")
-
-
-_QK_NORM_NAME = re.compile(r"^_*(q|query|k|key)_?(norm|ln|layernorm|rmsnorm|layer_norm)$")
-
-
-def qk_norm_bypassed(layers: Mapping[Path, Layer],
-                     shapes: Mapping[Path, tuple[int, ...]]) -> dict[str, list[str]]:
-  """Layers whose layout scales projections while a QK-norm sits beside them.
-
-  A norm of ``q``/``k`` after the projection cancels any scaling of ``W_q``,
-  ``W_k``: such a clip would count heads as clipped and change no logit. Found
-  by name (children called ``q_norm``, ``_query_norm``, ``key_ln``, ... holding
-  parameters that the layout leaves alone); MLA layouts are exempt (DeepSeek's
-  ``q_norm``/``kv_norm`` act on the latents, before the clipped up-projections).
-  """
-  out: dict[str, list[str]] = {}
-  for m, layer in layers.items():
-    if any(t.spec.role == "query_rope" for t in layer.targets):
-      continue
-    clipped = {t.param for t in layer.targets}
-    norms = sorted({p[len(m)] for p in shapes
-                    if len(p) > len(m) + 1 and p[:len(m)] == m
-                    and _QK_NORM_NAME.match(p[len(m)].lower())})
-    norms = [n for n in norms if not any(c[:len(m) + 1] == m + (n,) for c in clipped)]
-    if norms:
-      out[show_path(m)] = norms
-  return out
-
-
-def _no_params_error(module: Path, layers: Mapping[Path, Layer], layouts: LayoutsLike,
-                     shapes: Mapping[Path, tuple[int, ...]]) -> ValueError:
-  hint = ""
-  items = ([("*", layouts)] if isinstance(layouts, QKLayout)
-           else list(layouts.items()) if isinstance(layouts, Mapping) else [])
-  for pattern, layout in items:
-    if fnmatch.fnmatchcase("/".join(module), pattern):
-      req = _required(layout, module) or []
-      missing = [show_path(r) for r in req if r not in shapes]
-      hint = (f" Layout {layout.name!r} (pattern {pattern!r}) matches the path but the "
-              f"parameters {missing} do not exist.")
-      break
-  known = ", ".join(repr(show_path(m)) for m in layers) or "none"
-  return ValueError(
-      f"qk_clip: statistics at {show_path(module)!r} have no matching attention "
-      f"parameters (attention layers found: {known}).{hint} Sow max_logits in the module "
-      f"that owns the query/key parameters (or a parameter-less child of it), or "
-      f"describe the parameters with layouts=. {LAYOUT_HINT}")
 
 
 # --------------------------------------------------------------------------
@@ -465,7 +201,7 @@ def head_statistic(s: jax.Array, layer: Layer, where: str) -> jax.Array:
     return jnp.max(s, axis=tuple(range(n, len(shape) - 1)))
   raise ValueError(
       f"qk_clip: statistics at {where} have shape {shape}, expected {want} for layout "
-      f"{layer.layout.name!r} (statistics contract: [layers..., batch..., heads]: the "
+      f"{layer.layout.name!r} (statistics contract: {STATISTICS_CONTRACT}: the "
       f"layer (scan) axes {lead} of the parameters first, as a scan stacks them, then "
       f"any batch axes, which are max-reduced, then the {heads} query heads last; "
       f"parameters that keep their layer axis elsewhere than first, like MaxText's "
@@ -484,7 +220,7 @@ def _match_statistics(stats: dict[Path, jax.Array], layers: dict[Path, Layer], c
   for module, s in stats.items():
     owner = owning_layer(module, layers, shapes)
     if owner is None:
-      raise _no_params_error(module, layers, layouts, shapes)
+      raise no_params_error(module, layers, layouts, shapes)
     where = repr(show_path(module)) + (
         f" (for the attention layer {show_path(owner)!r})" if owner != module else "")
     v = head_statistic(s, layers[owner], where)
@@ -705,17 +441,17 @@ def qk_clip(
 
   def _shapes(params: Any) -> dict[Path, tuple[int, ...]]:
     leaves, _ = leaves_with_paths(params)
-    cut = _param_prefix([p for p, _ in leaves])
+    cut = param_prefix([p for p, _ in leaves])
     return {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
 
   def find_layers(params: Any) -> tuple[dict[Path, Layer], int]:
     leaves, _ = leaves_with_paths(params)
     paths = [p for p, _ in leaves]
-    cut = _param_prefix(paths)
+    cut = param_prefix(paths)
     shapes = {p[cut:]: tuple(jnp.shape(leaf)) for p, leaf in leaves}
     layers = find_attention_layers(shapes, layouts, auto_detect)
     if not layers and not allow_no_attention:
-      raise _no_layers_error(shapes, layouts, auto_detect)
+      raise no_layers_error(shapes, layouts, auto_detect)
     return layers, cut
 
   def init_fn(params: optax.Params) -> QKClipState:
@@ -753,7 +489,7 @@ def qk_clip(
     if not collected:
       if not layers:  # allow_no_attention: nothing to clip, nothing to check
         return updates, state
-      raise _empty_stats_error(max_logits, layers)
+      raise empty_stats_error(max_logits, layers)
     stats = _match_statistics(collected, layers, cut, params, layouts, strict)
     acc = _accumulate(stats, state, schedule)
     factors, num_clipped, num_skipped = _clip_factors(

@@ -15,7 +15,12 @@ from typing import Any, NamedTuple
 
 import jax
 
-from muonclip_jax._dimensions import DimensionNumbersLike, dimension_rules_fn, normalize_axes
+from muonclip_jax._dimensions import (
+  DimensionNumbersLike,
+  check_matrix_rank,
+  dimension_rules_fn,
+  normalize_axes,
+)
 from muonclip_jax._layer_axis import LayerAxisLike, check_layer_axis, check_layer_axis_used
 from muonclip_jax._paths import path_str
 from muonclip_jax._routing import MUON, label_rule, matrix_rank, resolve_labels
@@ -172,9 +177,7 @@ def muon_routing(
     if label != MUON:
       out.append(RoutedLeaf(path, shape, label, why, (), (), (), None, "", ()))
       continue
-    if len(shape) < 2:
-      raise ValueError(f"{path}: Muon needs a parameter of rank >= 2, got shape {shape}; "
-                       "route it to AdamW (see muonclip_jax.muon's param_labels)")
+    check_matrix_rank(path, shape)
     rule = rules_fn(path, shape)
     batch, red, fout = normalize_axes(path, shape, rule.dims)
     matrix = tuple(math.prod(shape[a] for a in axes) for axes in (batch, red, fout))

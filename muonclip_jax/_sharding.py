@@ -39,10 +39,12 @@ devices is not padded to one per device when the gather back would move more
 than twice its own bytes: it is spread over only some of the replicated mesh
 axes and computed again along the others (on all of them, for unsharded
 matrices: every device computes them and nothing moves), whichever costs
-least in FLOPs and bytes (:func:`muonclip_jax._mesh_plan._spread_axes`).
+least in FLOPs and bytes (:func:`muonclip_jax._mesh_placement._spread_axes`).
 
-:mod:`muonclip_jax._mesh_plan` decides the placement from shapes alone;
-:func:`muonclip_jax.plan_muon_sharding` shows it (and its cost) for a tree.
+:mod:`muonclip_jax._mesh_placement` decides the placement from shapes alone,
+:mod:`muonclip_jax._mesh_cost` prices its collectives, and
+:func:`muonclip_jax.plan_muon_sharding` (:mod:`muonclip_jax._mesh_plan`) shows
+both for a tree; this module only runs the placement.
 
 Output shardings. With an explicit mesh (``jax.make_mesh``'s default
 ``AxisType.Explicit``) the update runs under :func:`jax.sharding.auto_axes` and
@@ -75,23 +77,15 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from muonclip_jax._dimensions import normalize_axes
-from muonclip_jax._mesh_plan import (
-  ArrayPlan,
-  Axes,
-  MeshPlan,
-  ViewSpec,
-  axes_size,
-  plan_mesh,
-  plan_muon_sharding,
-  view_spec,
-)
-from muonclip_jax._newton_schulz import NSOptions, _orthogonalize, resolve_compute_dtype
+from muonclip_jax._mesh_placement import ArrayPlan, MeshPlan, axes_size, plan_mesh
+from muonclip_jax._mesh_plan import muon_sharding_summary  # noqa: F401  (old import path)
+from muonclip_jax._newton_schulz import NSOptions, orthogonalize_traced, resolve_compute_dtype
 from muonclip_jax._paths import path_str
+from muonclip_jax._view_sharding import Axes, ViewSpec, view_spec
 
 __all__ = [
     "MeshOrthogonalizer",
     "mesh_orthogonalizer",
-    "muon_sharding_summary",
 ]
 
 
@@ -122,8 +116,8 @@ class _Undo(NamedTuple):
 class MeshOrthogonalizer:
   """Callable ``(mats, ns, specs) -> orthogonalised mats`` on a mesh (see module doc).
 
-  The same interface as the single-device
-  :class:`muonclip_jax._newton_schulz.Orthogonalizer`. Also carries the update
+  Satisfies the :class:`muonclip_jax._newton_schulz.Orthogonalizer` protocol,
+  like the single-device ``LocalOrthogonalizer``. Also carries the update
   wrapper (:meth:`wrap_update`) that passes the view shardings in and sets
   the output shardings, and the shardings ``init`` recorded for
   ``AxisType.Auto`` meshes.
@@ -142,8 +136,9 @@ class MeshOrthogonalizer:
                            if t == AxisType.Explicit)
     self.recorded: dict[tuple[str, tuple[int, ...]], P] = {}
 
-  def plan(self, shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
-           ns: NSOptions, specs: Sequence[ViewSpec | None] | None = None) -> MeshPlan:
+  def place(self, shapes: Sequence[tuple[int, int, int]], dtypes: Sequence[Any],
+            ns: NSOptions, specs: Sequence[ViewSpec | None] | None = None) -> MeshPlan:
+    """The mesh plan (:func:`~muonclip_jax._mesh_placement.plan_mesh`) for these matrices."""
     return plan_mesh(shapes, dtypes, specs, self.sizes, ns, switch=self.switch)
 
   # -- orthogonalisation -------------------------------------------------------------
@@ -156,9 +151,9 @@ class MeshOrthogonalizer:
     if specs is not None and len(specs) != len(mats):
       raise ValueError(f"specs: expected one view sharding per matrix ({len(mats)}), "
                        f"got {len(specs)}")
-    plan = self.plan([tuple(m.shape) for m in mats], [m.dtype for m in mats], ns, specs)
+    plan = self.place([tuple(m.shape) for m in mats], [m.dtype for m in mats], ns, specs)
     inputs, in_specs = _pack(plan, mats)
-    fns = [functools.partial(_orthogonalize, cfg=ns.config,
+    fns = [functools.partial(orthogonalize_traced, cfg=ns.config,
                              compute_dtype=resolve_compute_dtype(ns.dtype, a.dtype),
                              method=ns.method, restarts=ns.restarts, eps=ns.eps)
            for a in plan.arrays]
@@ -382,38 +377,3 @@ def mesh_orthogonalizer(mesh: Mesh, switch: bool = True) -> MeshOrthogonalizer:
     shapes and dtypes).
   """
   return MeshOrthogonalizer(mesh, switch)
-
-
-
-
-def muon_sharding_summary(params: Any, mesh: Any, dimension_numbers: Any = None, *,
-                          param_labels: Any = None, layer_axis: Any = None,
-                          per_head: bool = False, coeffs: Any = "keller",
-                          steps: int | None = None, method: str = "auto",
-                          switch: bool = True) -> str:
-  """A printable table of how ``muon(..., mesh=mesh)`` orthogonalises each leaf.
-
-  ``str(plan_muon_sharding(...))``: see :func:`muonclip_jax.plan_muon_sharding`
-  for the structured plan.
-
-  Args:
-    params: arrays or ``jax.ShapeDtypeStruct`` leaves with their shardings.
-    mesh: a ``Mesh``, an ``AbstractMesh`` or a mapping of axis sizes.
-    dimension_numbers: as for :func:`muonclip_jax.scale_by_muon`.
-    param_labels: as for :func:`muonclip_jax.muon`.
-    layer_axis: as for :func:`muonclip_jax.muon`.
-    per_head: as for :func:`muonclip_jax.muon`.
-    coeffs: Newton–Schulz preset or coefficients (for the FLOP counts).
-    steps: Newton–Schulz steps.
-    method: ``"auto"``, ``"standard"`` or ``"gram"``.
-    switch: as for :func:`muonclip_jax.mesh_orthogonalizer`.
-
-  Returns:
-    A header line (busiest device's Newton–Schulz FLOPs against the ideal
-    ``total / n``, the collectives and bytes per device), then per leaf:
-    parameter shape and sharding, matrix view, operand, how the operand
-    moves, devices computing it and pad slots; then the operands.
-  """
-  return str(plan_muon_sharding(params, mesh, dimension_numbers, param_labels=param_labels,
-                                layer_axis=layer_axis, per_head=per_head, coeffs=coeffs,
-                                steps=steps, method=method, switch=switch))

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from muonclip_jax._attention import head_max_logits
 from muonclip_jax._paths import leaves_with_paths, show_path
-from muonclip_jax._qk_layouts import MAX_LOGITS
+from muonclip_jax._statistic import MAX_LOGITS
 
 Array = jax.Array
 _TAPES: list[MaxLogitsTape] = []

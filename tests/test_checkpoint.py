@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 import pytest
-from checkpoint_setup import abstract, setup  # tests/ is on sys.path
 from etils import epath
+from support.checkpoint_setup import abstract, setup  # tests/ is on sys.path
 
 import muonclip_jax as mc
 from muonclip_jax._checkpoint import MANIFEST

@@ -19,10 +19,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-from checkpoint_setup import abstract, setup  # tests/ is on sys.path
 from gcs_emulator import gcs  # noqa: F401  (the session fixture)
 from gcs_save_child import trees
 from multiprocess import run_distributed
+from support.checkpoint_setup import abstract, setup  # tests/ is on sys.path
 
 import muonclip_jax as mc
 from muonclip_jax._checkpoint import MANIFEST

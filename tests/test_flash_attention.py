@@ -278,9 +278,9 @@ def test_splash_pads_short_and_uneven_sequences_exactly(q_len, kv_len, causal):
 
 
 def test_auto_picks_a_kernel_that_takes_the_arguments():
-  from muonclip_jax._flash_attention import _choose
+  from muonclip_jax._flash_attention import choose_implementation
   pad = jnp.ones((B, 1, 1, T), bool)
-  pick = lambda platform, kind="", **kw: _choose("auto", platform, kind, **{
+  pick = lambda platform, kind="", **kw: choose_implementation("auto", platform, kind, **{
       "bias": None, "mask": None, "ndim": 4, **kw})
   assert pick("tpu") == "splash" and pick("tpu", mask=pad) == "splash"  # any length (padded)
   assert pick("tpu", mask=jnp.ones((B, H, T, T), bool)) == "xla"
@@ -289,7 +289,7 @@ def test_auto_picks_a_kernel_that_takes_the_arguments():
   assert pick("gpu", "NVIDIA H100 80GB HBM3") == "mosaic_gpu"
   assert pick("gpu", "NVIDIA A100-SXM4-40GB") == "triton"
   assert pick("cpu") == "xla"
-  assert _choose("splash", "cpu", "", bias=None, mask=None, ndim=4) == "splash"
+  assert choose_implementation("splash", "cpu", "", bias=None, mask=None, ndim=4) == "splash"
 
 
 @pytest.mark.parametrize("impl", ["xla", "splash"])

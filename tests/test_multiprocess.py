@@ -23,9 +23,9 @@ import chex
 import jax
 import numpy as np
 import pytest
-from checkpoint_setup import abstract, setup
 from mp_workers import example_config, example_data, gather, lm_module, train
 from multiprocess import run_distributed
+from support.checkpoint_setup import abstract, setup
 
 import muonclip_jax as mc
 

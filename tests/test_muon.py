@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from _helpers import rand as _rand
 from optax.contrib import MuonDimensionNumbers
+from support.arrays import rand as _rand
 
 import muonclip_jax as mc
 from muonclip_jax._coefficients import KELLER
@@ -221,6 +221,42 @@ def test_inject_hyperparams_schedules_and_arrays():
       uf, fs = fixed.update(g, fs, params)
     chex.assert_trees_all_close(u, uf, atol=1e-6)
   assert step._cache_size() == 1
+
+
+def test_newton_schulz_object_equals_the_keywords_and_survives_inject_hyperparams():
+  rng = np.random.default_rng(10)
+  params = mixed_tree(rng)
+  g = jax.tree.map(lambda x: _rand(rng, x.shape), params)
+  ns = mc.NewtonSchulz(coeffs="polar_express", steps=6, method="gram", restarts=(3,))
+  keywords = mc.muonclip(0.01, coeffs="polar_express", steps=6, method="gram", restarts=(3,),
+                         allow_no_attention=True)
+  by_object = mc.muonclip(0.01, newton_schulz=ns, allow_no_attention=True)
+  want, _ = keywords.update(g, keywords.init(params), params, max_logits={})
+  got, _ = by_object.update(g, by_object.init(params), params, max_logits={})
+  chex.assert_trees_all_equal(got, want)
+  default, _ = mc.muon(0.01).update(g, mc.muon(0.01).init(params), params)
+  assert not all(jax.tree.leaves(jax.tree.map(jnp.array_equal, got, default)))
+  # The object is static; learning rate and weight decay stay hyperparameters.
+  tx = optax.inject_hyperparams(mc.muon)(learning_rate=0.01, weight_decay=0.1, newton_schulz=ns)
+  state = tx.init(params)
+  assert {"learning_rate", "weight_decay", "beta"} <= set(state.hyperparams)
+  assert "newton_schulz" not in state.hyperparams
+  u, _ = jax.jit(tx.update)(g, state, params)
+  ref, _ = mc.muon(0.01, newton_schulz=ns).update(g, mc.muon(0.01).init(params), params)
+  chex.assert_trees_all_close(u, ref, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(newton_schulz=mc.NewtonSchulz(steps=4), steps=6), "steps is set both"),
+    (dict(newton_schulz=mc.NewtonSchulz(coeffs="dion"), coeffs="aol"), "coeffs is set both"),
+    (dict(newton_schulz=mc.NewtonSchulz(method="gram"), method="standard"), "method is set"),
+    (dict(newton_schulz=mc.NewtonSchulz(method="fast")), "method"),
+])
+def test_newton_schulz_object_refuses_conflicts_and_bad_values(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    mc.muon(0.01, **kwargs)
+  with pytest.raises(TypeError, match="expected a muonclip_jax.NewtonSchulz"):
+    mc.scale_by_muon(newton_schulz={"steps": 4})
 
 
 def test_works_in_optax_combinators():

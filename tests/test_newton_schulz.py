@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from muonclip_jax import orthogonalize, resolve_coefficients
 from muonclip_jax._coefficients import BANDS
-from muonclip_jax._newton_schulz import _orthogonalize_jit, choose_method
+from muonclip_jax._newton_schulz import choose_method, orthogonalize_jit
 
 
 def with_spectrum(rng, m, n, svals):
@@ -160,10 +160,10 @@ class JitVariantsTest(chex.TestCase):
 def test_no_recompilation_for_repeated_shapes():
   rng = np.random.default_rng(7)
   orthogonalize(jnp.asarray(rng.standard_normal((12, 30)), jnp.float32))
-  before = _orthogonalize_jit._cache_size()
+  before = orthogonalize_jit._cache_size()
   for _ in range(3):
     orthogonalize(jnp.asarray(rng.standard_normal((12, 30)), jnp.float32))
-  assert _orthogonalize_jit._cache_size() == before
+  assert orthogonalize_jit._cache_size() == before
 
 
 def test_custom_triple_and_list():

@@ -6,6 +6,10 @@ their results (per device: an all-gather's result is the gathered array, an
 all-to-all's is the device's new shard), and :func:`compiled_flops` reads XLA's
 cost analysis (per device; a conditional counts its most expensive branch).
 Asynchronous pairs (``*-start``/``*-done``) are counted once, at ``-done``.
+
+Measurement code, so it lives with the benchmarks and is not installed with
+the package; the tests import it from here (tests -> benchmarks, as for the
+other benchmark modules they check), never the reverse.
 """
 
 from __future__ import annotations
