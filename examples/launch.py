@@ -30,7 +30,7 @@ Supervision:
   in its log rather than lost in a stdio buffer.
 
 The same machinery is a small Python API (:func:`launch`, :func:`distributed_commands`,
-:func:`cpu_env`), used by the multi-process test harness ``tests/multiprocess.py``. This
+:func:`cpu_env`), used by the multi-process test runner ``tests/support/distributed.py``. This
 module uses only the standard library and does not import jax.
 """
 

@@ -1,6 +1,6 @@
 """Checkpoints on ``gs://``, against a local GCS emulator (fake-gcs-server).
 
-One emulator serves the whole session (fixture ``gcs``, tests/gcs_emulator.py);
+One emulator serves the whole session (fixture ``gcs``, tests/support/gcs_emulator.py);
 every test writes under its own fresh prefix. etils/gcsfs (listings, the
 manifest) and TensorStore (the arrays) both talk to it, as they would to GCS.
 Damage is done through the storage API (``fsspec.filesystem("gcs")``), as a
@@ -19,10 +19,10 @@ import chex
 import jax
 import jax.numpy as jnp
 import pytest
-from gcs_emulator import gcs  # noqa: F401  (the session fixture)
-from gcs_save_child import trees
-from multiprocess import run_distributed
 from support.checkpoint_setup import abstract, setup  # tests/ is on sys.path
+from support.distributed import run_distributed
+from support.gcs_emulator import gcs  # noqa: F401  (the session fixture)
+from support.gcs_save_child import trees
 
 import muonclip_jax as mc
 from muonclip_jax._checkpoint import MANIFEST
@@ -113,7 +113,8 @@ def test_damage_on_gs_falls_back_and_deletes_only_proven_damage(gcs, damage):  #
 def test_a_sigkill_mid_save_on_gs_leaves_the_previous_step(gcs):  # noqa: F811
   """The child is killed as soon as objects of step 2 appear, long before its commit."""
   root = gcs.prefix("kill")
-  child = subprocess.Popen([sys.executable, str(ROOT / "tests" / "gcs_save_child.py"), root,
+  child_script = ROOT / "tests" / "support" / "gcs_save_child.py"
+  child = subprocess.Popen([sys.executable, str(child_script), root,
                             "64"], stdout=subprocess.PIPE, text=True, start_new_session=True,
                            cwd=ROOT)
   try:
@@ -150,7 +151,7 @@ def test_a_sigkill_mid_save_on_gs_leaves_the_previous_step(gcs):  # noqa: F811
 
 
 def test_two_processes_save_and_restore_on_gs(gcs, tmp_path):  # noqa: F811
-  r0, r1 = run_distributed("mp_workers_gcs:round_trip", tmp_path=tmp_path, timeout=90,
+  r0, r1 = run_distributed("support.workers_gcs:round_trip", tmp_path=tmp_path, timeout=90,
                            args={"root": gcs.prefix("mp")})
   for r in (r0, r1):
     assert r["step"] == 2 and r["steps"] == [1, 2]

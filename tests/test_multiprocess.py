@@ -1,6 +1,6 @@
 """Everything across JAX processes: 2 processes x 4 host CPU devices (jax.distributed, gloo).
 
-Each test starts a fresh two-process job through tests/multiprocess.py (a free
+Each test starts a fresh two-process job through tests/support/distributed.py (a free
 port, short jax.distributed timeouts, SIGKILL of every process on failure or
 timeout) and compares what the processes report with what one process with 8
 (or 4) devices computes here.
@@ -23,9 +23,9 @@ import chex
 import jax
 import numpy as np
 import pytest
-from mp_workers import example_config, example_data, gather, lm_module, train
-from multiprocess import run_distributed
 from support.checkpoint_setup import abstract, setup
+from support.distributed import run_distributed
+from support.workers_training import example_config, example_data, gather, lm_module, train
 
 import muonclip_jax as mc
 
@@ -36,8 +36,8 @@ MESHES = [(8, 1), (1, 8)]  # FSDP (batch and rows over data), tensor parallel (c
 @pytest.fixture(scope="module")
 def two_process_training(tmp_path_factory):
   tmp = tmp_path_factory.mktemp("train")
-  return run_distributed("mp_workers:train_example", args={"meshes": MESHES}, tmp_path=tmp,
-                         timeout=150)
+  return run_distributed("support.workers_training:train_example", args={"meshes": MESHES},
+                         tmp_path=tmp, timeout=150)
 
 
 @pytest.mark.parametrize("mesh", MESHES, ids=["fsdp", "tensor_parallel"])
@@ -95,7 +95,7 @@ def test_checkpoints_across_processes_counts_and_meshes(tmp_path):
   mc.save_checkpoint(manager, 3, p4, s4)
   manager.close()
 
-  r0, r1 = run_distributed("mp_workers:checkpoints", tmp_path=tmp_path, timeout=90,
+  r0, r1 = run_distributed("support.workers_training:checkpoints", tmp_path=tmp_path, timeout=90,
                            args={"root": str(tmp_path / "mp"),
                                  "single_saved": str(tmp_path / "single")})
   chex.assert_trees_all_equal(r0, r1)  # the same on both processes, warnings included

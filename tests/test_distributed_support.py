@@ -1,4 +1,5 @@
-"""The multi-process harness (tests/multiprocess.py) and examples/launch.py cannot hang the suite.
+"""The multi-process test runner (tests/support/distributed.py) and examples/launch.py
+cannot hang the suite.
 
 A real two-process ``jax.distributed`` job (4 host CPU devices each) returns what each
 process computed; a process that raises, or hangs, fails the test quickly with its log,
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from multiprocess import DistributedRunError, run_distributed
+from support.distributed import DistributedRunError, run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "examples" / "launch.py"
@@ -61,8 +62,8 @@ def assert_gone(pid: int) -> None:
 
 
 def test_two_processes_see_one_job_and_a_global_array(tmp_path):
-  results = run_distributed("mp_workers_basic:topology_and_global_sum", tmp_path=tmp_path)
-  # mp_workers_basic.local_rows(i): arange(12).reshape(4, 3) + 100 i (not imported: jax).
+  results = run_distributed("support.workers_basic:topology_and_global_sum", tmp_path=tmp_path)
+  # support.workers_basic.local_rows(i): arange(12).reshape(4, 3) + 100 i (not imported: jax).
   total = float(sum((np.arange(12.0) + 100.0 * i).sum() for i in range(2)))
   assert total == 1332.0
   assert results == [(0, 2, 8, 4, total), (1, 2, 8, 4, total)]
@@ -71,7 +72,7 @@ def test_two_processes_see_one_job_and_a_global_array(tmp_path):
 def test_exception_on_one_process_fails_fast_and_kills_all(tmp_path):
   start = time.monotonic()
   with pytest.raises(DistributedRunError) as info:
-    run_distributed("mp_workers_basic:raise_on", tmp_path=tmp_path,
+    run_distributed("support.workers_basic:raise_on", tmp_path=tmp_path,
                     args={"process_index": 1, "message": "boom from process 1"})
   elapsed = time.monotonic() - start
   err = info.value
@@ -86,7 +87,7 @@ def test_exception_on_one_process_fails_fast_and_kills_all(tmp_path):
 def test_hung_process_is_killed_at_the_timeout(tmp_path):
   start = time.monotonic()
   with pytest.raises(DistributedRunError, match="timeout: 8 s passed") as info:
-    run_distributed("mp_workers_basic:hang_on", tmp_path=tmp_path, timeout=8,
+    run_distributed("support.workers_basic:hang_on", tmp_path=tmp_path, timeout=8,
                     args={"process_index": 1})
   elapsed = time.monotonic() - start
   assert 8 <= elapsed < 20, elapsed

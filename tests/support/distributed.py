@@ -1,13 +1,14 @@
 """Run a test function in every process of a real ``jax.distributed`` job (CPU, one machine).
 
-:func:`run_distributed` starts ``num_processes`` Python processes (``tests/mp_worker.py``)
+:func:`run_distributed` starts ``num_processes`` Python processes
+(``tests/support/distributed_worker.py``)
 with ``devices_per_process`` host CPU devices each, joins them into one multi-controller
 job, calls ``fn(**args)`` in every process and returns what each returned::
 
   from multiprocess import run_distributed
 
   def test_global_sum(tmp_path):
-    results = run_distributed("mp_workers_basic:global_sum", tmp_path=tmp_path)
+    results = run_distributed("support.workers_basic:global_sum", tmp_path=tmp_path)
 
 The processes are started and supervised by ``examples/launch.py`` (:func:`launch.launch`):
 the first failure (an exception, a non-zero exit) or the timeout SIGKILLs every process
@@ -38,8 +39,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = ROOT / "tests" / "mp_worker.py"
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = ROOT / "tests" / "support" / "distributed_worker.py"
 sys.path.insert(0, str(ROOT / "examples"))
 
 import launch  # noqa: E402  (examples/launch.py: stdlib only, no jax)

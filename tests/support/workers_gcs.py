@@ -9,18 +9,18 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-from checkpoint_setup import abstract, make_params
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from mp_workers import gather
 
 import muonclip_jax as mc
+from support.checkpoint_setup import abstract, make_params
+from support.workers_training import gather
 
 
 def round_trip(root: str) -> dict[str, Any]:
   """Two steps saved by both processes on gs://, then the newest restored.
 
-  The parameters of tests/checkpoint_setup.py, sharded over both processes'
+  The parameters of tests/support/checkpoint_setup.py, sharded over both processes'
   8 devices, and a replicated step count (no optimizer: nothing to compile).
   """
   mesh = jax.make_mesh((2, 4), ("data", "model"))

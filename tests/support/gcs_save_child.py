@@ -1,6 +1,6 @@
 """A process that saves two checkpoint steps and is killed while it saves the second.
 
-Run by tests/test_checkpoint_gcs.py as ``python tests/gcs_save_child.py DIRECTORY MIB``
+Run by tests/test_checkpoint_gcs.py as ``python tests/support/gcs_save_child.py DIRECTORY MIB``
 with the emulator's environment. It saves step 1 (small), prints ``saved 1``,
 then prints ``saving 2`` and saves step 2 with a ``MIB`` MiB array (blocking),
 printing ``saved 2`` if nobody killed it first. The values are a function of
@@ -16,7 +16,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax.numpy as jnp  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import muonclip_jax as mc  # noqa: E402
 
 

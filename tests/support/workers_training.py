@@ -1,7 +1,7 @@
 """Functions that tests/test_multiprocess.py runs in every process of a 2 x 4-device job.
 
 Import-safe: nothing touches a device at import (``jax.distributed.initialize``
-runs first, in tests/mp_worker.py). Each returns plain Python/NumPy values,
+runs first, in tests/support/distributed_worker.py). Each returns plain Python/NumPy values,
 gathered over processes where they are global arrays.
 """
 
@@ -12,11 +12,11 @@ from typing import Any
 
 import jax
 import numpy as np
-from checkpoint_setup import abstract, setup
 from etils import epath
 from jax.experimental import multihost_utils
 
 import muonclip_jax as mc
+from support.checkpoint_setup import abstract, setup
 
 
 def lm_module() -> Any:

@@ -1,8 +1,8 @@
-"""One process of a multi-process test job (the entry point of ``tests/multiprocess.py``).
+"""One process of a multi-process test job (the entry point of ``tests/support/distributed.py``).
 
 Run as::
 
-  python tests/mp_worker.py --target MODULE:FUNCTION --args-file ARGS.pkl \\
+  python tests/support/distributed_worker.py --target MODULE:FUNCTION --args-file ARGS.pkl \\
       --result-file RESULT.pkl [--devices-per-process 4] \\
       --coordinator localhost:PORT --num-processes N --process-id I
 
@@ -30,7 +30,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TESTS = ROOT / "tests"
 EXAMPLES = ROOT / "examples"
 

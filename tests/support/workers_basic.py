@@ -1,6 +1,6 @@
-"""Worker functions of tests/test_multiprocess_harness.py, run in every process of a job.
+"""Worker functions of tests/test_distributed_support.py, run in every process of a job.
 
-Import-safe: nothing here touches jax devices at import time (see tests/multiprocess.py).
+Import-safe: nothing here touches jax devices at import time (see tests/support/distributed.py).
 """
 
 from __future__ import annotations
