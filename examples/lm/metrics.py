@@ -63,12 +63,7 @@ def plot_run(metrics: dict[str, list[Any]], out_dir: str | os.PathLike[str],
   ax.plot(metrics["step"], smooth(metrics["loss"]), color="C0", label="train (smoothed)")
   ax.plot(metrics["val_step"], metrics["val_loss"], "o-", color="C1", label="validation")
   ax.set(xlabel="step", ylabel="loss (nats/byte)", title=f"{title} loss".strip())
-  ax.legend()
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  paths.append(out / "loss.png")
-  fig.savefig(paths[-1], dpi=100)
-  plt.close(fig)
+  paths.append(_save(plt, fig, ax, out / "loss.png"))
 
   fig, ax = plt.subplots(figsize=(6, 4))
   per_layer = np.asarray(metrics["max_logit"])
@@ -77,10 +72,15 @@ def plot_run(metrics: dict[str, list[Any]], out_dir: str | os.PathLike[str],
   if tau is not None:
     ax.axhline(tau, color="k", ls="--", lw=1, label=f"tau = {tau:g}")
   ax.set(xlabel="step", ylabel="max pre-softmax logit", title=f"{title} max logit".strip())
+  paths.append(_save(plt, fig, ax, out / "max_logit.png"))
+  return paths
+
+
+def _save(plt: Any, fig: Any, ax: Any, path: Path) -> Path:
+  """Legend, grid and layout of one figure, written to ``path`` and closed."""
   ax.legend()
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  paths.append(out / "max_logit.png")
-  fig.savefig(paths[-1], dpi=100)
+  fig.savefig(path, dpi=100)
   plt.close(fig)
-  return paths
+  return path
