@@ -286,8 +286,9 @@ def write_manifest(step: int, root: epath.Path) -> None:
 
 def _is_transient(error: BaseException) -> bool:
   """An I/O error that may not happen again: worth a retry (a missing file is not)."""
-  if isinstance(error, FileNotFoundError):
-    return False
+  if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError,
+                        NotADirectoryError)):
+    return False  # the same call fails the same way next time
   if isinstance(error, OSError):  # ConnectionError, TimeoutError, EIO, ...
     return True
   return isinstance(error, ValueError) and str(error).startswith(_TRANSIENT_STATUS)
@@ -320,8 +321,10 @@ def _invalidate_listings(path: epath.Path) -> None:
     return
   try:
     fs(os.fspath(path)).invalidate_cache()
-  except Exception:  # noqa: BLE001  (an optimisation; verification reads the files anyway)
-    pass
+  except Exception as e:  # noqa: BLE001  (say so: a stale listing hides deleted files)
+    warnings.warn(f"could not refresh the cached listings of {path} ({type(e).__name__}: "
+                  f"{e}); files deleted since they were listed may look present",
+                  RuntimeWarning, stacklevel=2)
 
 
 def _check_file(full: epath.Path, meta: dict[str, Any], check_hashes: bool,
@@ -524,7 +527,7 @@ def _check_targets(manager: MuonClipCheckpointManager, step: int,
     try:
       meta = _retrying(lambda d=directory: ocp.StandardCheckpointHandler().metadata(d),
                        f"reading the metadata of checkpoint step {step}", retries, backoff_s)
-    except Exception:  # noqa: BLE001  unreadable: Orbax's restore reports it, retried
+    except (OSError, ValueError):  # unreadable: Orbax's restore reports it, retried
       continue
     saved = {m.name: m for m in jax.tree.leaves(meta) if hasattr(m, "name")}
     seen = set()
@@ -557,6 +560,14 @@ def _check_retry_args(retries: int, backoff_s: float) -> None:
     raise ValueError(f"backoff_s: expected a finite number of seconds >= 0, got {backoff_s!r}")
 
 
+def _targets(params_like: Any, opt_state_like: Any, retries: int, backoff_s: float
+             ) -> dict[str, tuple[str, Any]]:
+  """``{item: (argument name, abstract target)}`` of a restore, its arguments checked."""
+  _check_retry_args(retries, backoff_s)
+  return {"params": ("params_like", _abstract(params_like, "params_like")),
+          "opt_state": ("opt_state_like", _abstract(opt_state_like, "opt_state_like"))}
+
+
 def _restore_step(manager: MuonClipCheckpointManager, step: int, targets: dict[str, Any],
                   verify: bool, retries: int, backoff_s: float) -> tuple[Any, Any]:
   """Orbax's restore of ``step`` onto the abstract targets, transient faults retried.
@@ -567,21 +578,29 @@ def _restore_step(manager: MuonClipCheckpointManager, step: int, targets: dict[s
   """
   args = ocp.args.Composite(**{item: ocp.args.StandardRestore(tree)
                                for item, (_, tree) in targets.items()})
+  error: Exception | None = None
   try:
     out = _retrying(lambda: manager.restore(step, args=args),
                     f"restoring checkpoint step {step}", retries, backoff_s)
   except Exception as e:  # Orbax/TensorStore raise many types; name the step instead.
-    if verify:
-      verify_checkpoint(manager, step, check_hashes=False)  # raises (damaged) on a lost file
-    tried = f" (tried {retries + 1} times)" if _is_transient(e) else ""
-    kept = (" Its files match the manifest, so nothing proves it damaged: it was neither "
-            "skipped nor deleted;" if verify else "")
-    raise CheckpointError(
-        step, manager.step_path(step),
-        f"Orbax could not restore it{tried}: {type(e).__name__}: {e}.{kept} fix the storage "
-        "access and try again, or restore an older step with restore_checkpoint(step=...)"
-    ) from e
-  return out["params"], out["opt_state"]
+    error = e
+  # Every process takes the same branch: the checks below gather over processes, so
+  # one process failing alone must not leave the others waiting in them.
+  if not _gather_max(np.array([error is not None], np.int32))[0]:
+    return out["params"], out["opt_state"]
+  if verify:
+    verify_checkpoint(manager, step, check_hashes=False)  # raises (damaged) on a lost file
+  if error is None:
+    what = f"process {jax.process_index()} restored it, another process could not"
+  else:
+    tried = f" (tried {retries + 1} times)" if _is_transient(error) else ""
+    what = f"Orbax could not restore it{tried}: {type(error).__name__}: {error}"
+  kept = (" Its files match the manifest, so nothing proves it damaged: it was neither "
+          "skipped nor deleted;" if verify else "")
+  raise CheckpointError(
+      step, manager.step_path(step),
+      f"{what}.{kept} fix the storage access and try again, or restore an older step with "
+      "restore_checkpoint(step=...)") from error
 
 
 def restore_checkpoint(manager: MuonClipCheckpointManager, params_like: Any,
@@ -628,9 +647,7 @@ def restore_checkpoint(manager: MuonClipCheckpointManager, params_like: Any,
     TypeError: a target leaf is not an array or ``jax.ShapeDtypeStruct``.
   """
   manager = _require(manager)
-  _check_retry_args(retries, backoff_s)
-  targets = {"params": ("params_like", _abstract(params_like, "params_like")),
-             "opt_state": ("opt_state_like", _abstract(opt_state_like, "opt_state_like"))}
+  targets = _targets(params_like, opt_state_like, retries, backoff_s)
   manager.wait_until_finished()
   if step is None:
     manager.reload()
@@ -701,9 +718,7 @@ def restore_latest_valid(manager: MuonClipCheckpointManager, params_like: Any,
       :func:`restore_checkpoint`); nothing was deleted.
   """
   manager = _require(manager)
-  _check_retry_args(retries, backoff_s)
-  targets = {"params": ("params_like", _abstract(params_like, "params_like")),
-             "opt_state": ("opt_state_like", _abstract(opt_state_like, "opt_state_like"))}
+  targets = _targets(params_like, opt_state_like, retries, backoff_s)
   manager.wait_until_finished()
   manager.reload()
   errors: list[str] = []
