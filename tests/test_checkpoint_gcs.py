@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -117,6 +118,10 @@ def test_a_sigkill_mid_save_on_gs_leaves_the_previous_step(gcs):  # noqa: F811
   child = subprocess.Popen([sys.executable, str(child_script), root,
                             "64"], stdout=subprocess.PIPE, text=True, start_new_session=True,
                            cwd=ROOT)
+  # Reading the child's output blocks; a child stuck before it prints is SIGKILLed,
+  # so the loop ends (EOF) and the test fails below instead of hanging.
+  watchdog = threading.Timer(120, os.killpg, (child.pid, signal.SIGKILL))
+  watchdog.start()
   try:
     for line in child.stdout:
       if line.startswith("saving 2"):
@@ -127,6 +132,7 @@ def test_a_sigkill_mid_save_on_gs_leaves_the_previous_step(gcs):  # noqa: F811
       fs.invalidate_cache()
       time.sleep(0.01)
   finally:
+    watchdog.cancel()
     os.killpg(child.pid, signal.SIGKILL)
     child.wait()
   assert child.stdout.read() == ""  # killed before "saved 2"

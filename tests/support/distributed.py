@@ -5,10 +5,11 @@
 with ``devices_per_process`` host CPU devices each, joins them into one multi-controller
 job, calls ``fn(**args)`` in every process and returns what each returned::
 
-  from multiprocess import run_distributed
+  from support.distributed import run_distributed
 
   def test_global_sum(tmp_path):
-    results = run_distributed("support.workers_basic:global_sum", tmp_path=tmp_path)
+    results = run_distributed("support.workers_basic:topology_and_global_sum",
+                              tmp_path=tmp_path)
 
 The processes are started and supervised by ``examples/launch.py`` (:func:`launch.launch`):
 the first failure (an exception, a non-zero exit) or the timeout SIGKILLs every process
