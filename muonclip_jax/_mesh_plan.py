@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from muonclip_jax._coefficients import CoeffsLike, resolve_coefficients
 from muonclip_jax._dimensions import check_matrix_rank, dimension_numbers_fn, normalize_axes
+from muonclip_jax._layer_axis import check_layer_axis, check_layer_axis_used
 from muonclip_jax._mesh_cost import Collective, operand_collectives
 from muonclip_jax._mesh_placement import (  # noqa: F401  (ns_flops, axes_size: old import path)
   ArrayPlan,
@@ -293,6 +294,7 @@ def plan_muon_sharding(params: Any, mesh: Any, dimension_numbers: Any = None, *,
   ns = NSOptions(resolve_coefficients(coeffs, steps), None, check_method(method), None, 1e-7)
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   _check_leaves(flat)
+  check_layer_axis_used((path_str(p) for p, _ in flat), check_layer_axis(layer_axis))
   labels = jax.tree.leaves(resolve_labels(params, param_labels, layer_axis=layer_axis))
   views, dtypes, vspecs, rows = [], [], [], []
   for (p, x), label in zip(flat, labels, strict=True):

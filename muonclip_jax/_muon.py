@@ -78,10 +78,6 @@ def leaf_matrices(tree: Any, dims_fn: Callable[[str, tuple[int, ...]], MuonDimen
   return views
 
 
-# Old names, kept importable for branches written before the rename.
-LeafPlan = LeafMatrix
-plan_leaves = leaf_matrices
-
 
 def check_orientations(tree: Any, rules_fn: Callable[[str, tuple[int, ...]], DimensionRule],
                        scaling: str) -> None:
@@ -144,7 +140,7 @@ def scale_by_muon(
     newton_schulz: the Newton–Schulz options as one
       :class:`muonclip_jax.NewtonSchulz`; the five keywords below are the same
       options one by one (kept for backward compatibility; a field set in
-      both places is refused).
+      both places, the keyword not at its default, is refused).
     coeffs: Newton–Schulz preset or coefficients (see :func:`orthogonalize`).
     steps: Newton–Schulz steps (default: the preset's).
     ns_dtype: compute dtype of Newton–Schulz (default: the update's dtype).
