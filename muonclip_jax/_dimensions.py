@@ -400,7 +400,8 @@ def dimension_rules_fn(dimension_numbers: DimensionNumbersLike, *,
 
   Raises:
     ValueError: a tree leaf that is neither ``None`` nor dimension numbers,
-      naming its path, or a malformed ``layer_axis``.
+      naming its path, a malformed ``layer_axis``, or ``per_head`` with one
+      :class:`MuonDimensionNumbers` for every leaf (it would do nothing).
   """
   layer_axis = check_layer_axis(layer_axis)
 
@@ -413,6 +414,11 @@ def dimension_rules_fn(dimension_numbers: DimensionNumbersLike, *,
   if dimension_numbers is None:
     return default
   if isinstance(dimension_numbers, MuonDimensionNumbers):
+    if per_head:
+      raise ValueError("per_head=True does nothing with one MuonDimensionNumbers for every "
+                       "leaf (it chooses among the default layouts); declare per-head views "
+                       "in dimension_numbers, or pass a tree or callable that returns None "
+                       "where the default (with per_head) should apply")
     return lambda path, shape: given(dimension_numbers, "dimension_numbers (one for all)")
   if callable(dimension_numbers):
     def from_callable(path, shape):

@@ -67,10 +67,11 @@ class NewtonSchulz(NamedTuple):
   unchanged, so a new option is a new field here and nowhere else. A field
   left ``None`` takes the value of the matching keyword (``coeffs``,
   ``steps``, ``ns_dtype``, ``method``, ``restarts``), which those functions
-  keep for backward compatibility; setting both a field and its keyword is
-  refused. Every field is static: none becomes an
-  ``optax.inject_hyperparams`` hyperparameter (``eps`` stays a keyword, and
-  one, for that reason).
+  keep for backward compatibility; setting both a field and its keyword to
+  a value other than the keyword's default is refused (a keyword left at its
+  default cannot be told from one not passed, and the field wins). Every
+  field is static: none becomes an ``optax.inject_hyperparams``
+  hyperparameter (``eps`` stays a keyword, and one, for that reason).
 
   Attributes:
     coeffs: a preset name or coefficients (see :func:`orthogonalize`).
