@@ -47,7 +47,7 @@ from flax import linen as nn
 
 from muonclip_jax._attention import sow_max_logits
 from muonclip_jax._paths import leaves_with_paths, show_path
-from muonclip_jax._qk_layouts import QKLayout, QKParam, qk_norm
+from muonclip_jax._qk_layouts import QKLayout, qk_norm, separate_qk
 
 Array = jax.Array
 # The versions whose attention code this module mirrors (gemma/gm/nn/_modules.py).
@@ -153,21 +153,18 @@ def gemma_max_logits(*, require: bool = True) -> Iterator[_Tally]:
 
 
 def _gemma_layout(names: set[str], heads: int, kv_heads: int) -> QKLayout:
-  params: list[QKParam] = []
-  if "qkv_einsum/w" in names:                                # MHA: (3, N, D, H)
-    params += [QKParam("qkv_einsum/w", "query", 4, (-3,), select=((-4, 0, 1),)),
-               QKParam("qkv_einsum/w", "key", 4, (-3,), select=((-4, 1, 2),))]
-  else:                                                      # GQA/MQA
-    params += [QKParam("q_einsum/w", "query", 3, (-3,)),     # (N, D, H)
-               QKParam("kv_einsum/w", "key", 4, (-3,), select=((-4, 0, 1),))]  # (2, K, D, H)
-  name = "gemma"
   if "_query_norm/scale" in names:
     # After a QK-norm only the norms' gains scale the logit; Gemma's RMSNorm
     # multiplies by (1 + scale), shared by the heads of a layer.
-    params = list(qk_norm("_query_norm", "_key_norm", num_heads=heads, num_kv_heads=kv_heads,
-                          gain="one_plus", bias=None).params)
-    name = "gemma[qk_norm]"
-  return QKLayout(tuple(params), heads, name)
+    return qk_norm("_query_norm", "_key_norm", num_heads=heads, num_kv_heads=kv_heads,
+                   gain="one_plus", bias=None)._replace(name="gemma[qk_norm]")
+  if "qkv_einsum/w" in names:                                # MHA: (3, N, D, H)
+    layout = separate_qk("qkv_einsum", "qkv_einsum", num_heads=heads, kernel="w",
+                         head_axis=0, query_stack=(0, 0), key_stack=(0, 1), bias=None)
+  else:                                                      # GQA/MQA: (N, D, H), (2, K, D, H)
+    layout = separate_qk("q_einsum", "kv_einsum", num_heads=heads, kernel="w", head_axis=0,
+                         key_stack=(0, 0), bias=None)
+  return layout._replace(name="gemma")
 
 
 def gemma_layouts(params: Any) -> dict[str, QKLayout]:

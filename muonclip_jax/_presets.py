@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from muonclip_jax._qk_layouts import QKLayout, QKParam, mla, separate_qk
+from muonclip_jax._qk_layouts import QKLayout, mla, separate_qk
 
 
 def torch_layout(num_heads: int, num_kv_heads: int | None = None, *, query: str = "q_proj",
@@ -47,13 +47,9 @@ def torch_layout(num_heads: int, num_kv_heads: int | None = None, *, query: str 
     >>> [(p.path, p.role) for p in layout.params if not p.optional]
     [('q_proj/weight', 'query'), ('k_proj/weight', 'key')]
   """
-  kv = num_heads if num_kv_heads is None else num_kv_heads
-  params = []
-  for proj, role, heads in ((query, "query", num_heads), (key, "key", kv)):
-    params.append(QKParam(f"{proj}/{weight}", role, 2, (-2,), heads))
-    if bias:
-      params.append(QKParam(f"{proj}/{bias}", role, 1, (-1,), heads, optional=True))
-  return QKLayout(tuple(params), num_heads, name)
+  return separate_qk(query, key, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                     merged_heads=True, kernel=weight, bias=bias,
+                     weight_layout="out_in")._replace(name=name)
 
 
 def maxtext_layouts(config: Any) -> dict[str, QKLayout]:
