@@ -117,7 +117,7 @@ def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: Layou
       req = _required(layout, m)
       if req is None or not all(r in shapes for r in req):
         continue
-      layers[m] = resolve_layout(layout, m, dict(shapes))
+      layers[m] = resolve_layout(layout, m, shapes)
       found += 1
     if not found:
       needs = [s.path for s in layout.params if not s.optional]
@@ -128,9 +128,9 @@ def find_attention_layers(shapes: Mapping[Path, tuple[int, ...]], layouts: Layou
     for m in modules:
       if m in layers:
         continue
-      layout = detect_flax_attention(m, dict(shapes))
+      layout = detect_flax_attention(m, shapes)
       if layout is not None:
-        layers[m] = resolve_layout(layout, m, dict(shapes))
+        layers[m] = resolve_layout(layout, m, shapes)
   return layers
 
 

@@ -81,6 +81,7 @@ Examples (paths are relative to the module that called ``sow``)::
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Literal, NamedTuple
 
 from muonclip_jax._paths import show_path
@@ -528,7 +529,7 @@ def flax_attention(*, normalize_qk: bool = False, num_heads: int | None = None) 
   return layout._replace(name="flax_attention" + ("[normalize_qk]" if normalize_qk else ""))
 
 
-def detect_flax_attention(module: Path, shapes: dict[Path, tuple[int, ...]]
+def detect_flax_attention(module: Path, shapes: Mapping[Path, tuple[int, ...]]
                           ) -> QKLayout | None:
   """The layout of a Flax attention module at ``module``, or ``None`` if it is not one."""
   def get(*names: str) -> tuple[int, ...] | None:
@@ -676,7 +677,7 @@ def resolve_target(spec: QKParam, module: Path, shape: tuple[int, ...]) -> Targe
 
 
 def resolve_layout(layout: QKLayout, module: Path,
-                   shapes: dict[Path, tuple[int, ...]]) -> Layer:
+                   shapes: Mapping[Path, tuple[int, ...]]) -> Layer:
   """Resolves every entry of ``layout`` at ``module``; raises ``ValueError`` naming paths."""
   targets = []
   for spec in layout.params:
